@@ -1,0 +1,42 @@
+"""Find topology and scenario files: a bare name means a bundled file, anything else a path.
+
+``resolve("gb200-nvl72", "topologies")`` finds ``topologies/gb200-nvl72.yaml`` shipped with the package;
+``resolve("my/rack.yaml", "topologies")`` is that path (relative to ``relative_to`` when given, else to the
+current directory). Reading files a user named is the only I/O the protocol layer does.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .errors import InputError
+
+
+def bundled_names(package: str) -> list[str]:
+    """Names (without ``.yaml``) of the files bundled in ``package`` (``topologies`` or ``scenarios``)."""
+    root = resources.files(package)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def bundled_path(package: str, name: str) -> Path:
+    return Path(str(resources.files(package).joinpath(f"{name}.yaml")))
+
+
+def resolve(ref: str, package: str, relative_to: Path | None = None, *, file: str = "", key: str = "") -> Path:
+    """Turn a bundled name or a path into an existing file path, or raise :class:`InputError`."""
+    looks_like_path = "/" in ref or ref.endswith((".yaml", ".yml")) or ref.startswith(".")
+    if not looks_like_path:
+        p = bundled_path(package, ref)
+        if p.is_file():
+            return p
+        names = ", ".join(bundled_names(package))
+        raise InputError(file or ref, key, f"no bundled {package[:-1]} named {ref!r}; use one of: {names}, or give a path to a .yaml file")
+    path = Path(ref)
+    if not path.is_absolute() and relative_to is not None:
+        candidate = relative_to / path
+        if candidate.exists() or not path.exists():
+            path = candidate
+    if not path.is_file():
+        raise InputError(file or ref, key, f"file {ref!r} not found; check the path (relative paths are taken from the file that names them)")
+    return path

@@ -434,7 +434,7 @@ class Mark(Effect):
     data: tuple[tuple[str, Any], ...] = ()
 
 
-def mark(name: str, **data: Any) -> Mark:
+def mark(name: str, /, **data: Any) -> Mark:
     """Build a :class:`Mark` from keyword facts (sorted, so traces are stable)."""
     return Mark(name, tuple(sorted(data.items())))
 

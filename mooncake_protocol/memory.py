@@ -44,3 +44,16 @@ REGION_KINDS = ("device", "pinned", "host")
 
 def is_host_kind(kind: str) -> bool:
     return kind in ("pinned", "host")
+
+
+#: What memory that is not zeroed holds at allocation. Mooncake mallocs its sync flag arrays; what a real
+#: allocator hands back is whatever an earlier user left there. We model the hazard deterministically as
+#: stale sync flags: every int32 is 1 (as an earlier group's completed task leaves them).
+GARBAGE_WORD = (1).to_bytes(4, "little")
+
+
+def garbage(offset: int, length: int) -> bytes:
+    """The bytes at ``[offset, offset+length)`` of a region allocated without zeroing."""
+    start = offset % 4
+    reps = (start + length) // 4 + 2
+    return (GARBAGE_WORD * reps)[start:start + length]

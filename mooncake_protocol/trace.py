@@ -51,7 +51,7 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v, depth + 1) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {}
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(value):
             if not f.compare:
                 continue

@@ -1,0 +1,501 @@
+"""The SimPy driver: runs every rank's protocol activities as SimPy processes and interprets effects.
+
+Rules: no protocol decision is made here. Each effect is interpreted against a model (store server,
+network and port tables, transfers, GPU) in its own module; this file only dispatches, records the trace
+and watches for hangs. A run always ends: when every rank's caller has finished, at the scenario's
+deadline, or when no protocol progress (a non-noise mark) happened for the stall window.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import simpy
+
+from mooncake_protocol import effects as fx
+from mooncake_protocol import topology as topo
+from mooncake_protocol.errors import ProtocolError
+from mooncake_protocol.memory import split_addr
+from mooncake_protocol.outcome import RunRecord
+from mooncake_protocol.rankenv import RankEnv, make_rank_envs
+from mooncake_protocol.rank import rank_main
+from mooncake_protocol.trace import NOISE_MARKS, PHASES, Blocked, describe_wait, effect_record, mark_record
+
+from .gpu import GpuModel, Op
+from .memory import SimRegion
+from .network import FOREIGN, RPC_SERVICE_S, Network
+from .store import StoreServer
+from .transfers import TransferModel
+
+SimGen = Generator[simpy.Event, Any, Any]
+
+
+@dataclass
+class Calibration:
+    """Timing constants the simulator takes from a calibration file (``mooncake-real calibrate``)."""
+
+    store_service_s: float = 5e-6
+    store_one_way_s: float | None = None  # None: from the topology
+    rpc_service_s: float = RPC_SERVICE_S
+    rpc_one_way_s: float | None = None
+    effect_cpu_s: float = 0.0  # host CPU cost charged per effect (Python-level drivers are slower)
+    rdma_overhead_s: float = 0.0
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Calibration:
+        c = Calibration()
+        for k, v in d.items():
+            if hasattr(c, k):
+                setattr(c, k, float(v) if v is not None else None)
+        return c
+
+
+@dataclass
+class Act:
+    rank: int
+    name: str
+    handle: int
+    daemon: bool
+    current: fx.Effect | None = None
+    since: float = 0.0
+    done: bool = False
+    result: Any = None
+    finished: simpy.Event | None = None
+
+
+@dataclass
+class Waiter:
+    effect: fx.WaitUntil
+    event: simpy.Event
+
+
+class Reader:
+    """The :class:`mooncake_protocol.effects.MemoryReader` of one rank."""
+
+    def __init__(self, sim: Simulation, rank: SimRank):
+        self.sim = sim
+        self.rank = rank
+
+    def read(self, rid: int, offset: int, length: int) -> bytes:
+        return self.rank.regions[rid].read(offset, length)
+
+    def status(self, batch: int) -> tuple[str, ...]:
+        return self.sim.transfers.status(batch)
+
+
+@dataclass
+class SimRank:
+    env: RankEnv
+    alive: bool = True
+    acts: dict[int, Act] = field(default_factory=dict)
+    regions: dict[int, SimRegion] = field(default_factory=dict)
+    waiters: list[Waiter] = field(default_factory=list)
+    phase: str = "bootstrap"
+    phase_t: dict[str, float] = field(default_factory=dict)
+    error: ProtocolError | None = None
+    paused_until: float = 0.0
+    reader: Reader | None = None
+    rpc_port: int | None = None
+    batches: set[int] = field(default_factory=set)
+
+
+RunResult = RunRecord
+
+
+class Simulation:
+    def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None):
+        self.scenario = scenario
+        self.topology: topo.Topology = scenario.topology
+        self.cal = calibration or Calibration()
+        self.env = simpy.Environment()
+        self.envs = make_rank_envs(scenario)
+        self.ranks = [SimRank(e) for e in self.envs]
+        for r in self.ranks:
+            r.reader = Reader(self, r)
+        self.record_effects = record_effects
+        self.marks: list[dict[str, Any]] = []
+        self.effects: list[dict[str, Any]] = []
+        self.network = Network(self.topology)
+        delay = sum(float(f.seconds) for f in scenario.faults if f.kind == "delay_store")
+        self.store = StoreServer(self.env, self.cal.store_service_s, delay)
+        self.store_host = self.envs[0].host if self.envs else ""
+        self.transfers = TransferModel(self)
+        self.rdma_overhead_s = self.cal.rdma_overhead_s
+        self.gpu = GpuModel(self.env, self.dirty)
+        self.next_handle = 1
+        self.last_progress = 0.0
+        self.effect_count = 0
+        self.stop = self.env.event()
+        self.killed: list[int] = []
+        for f in scenario.faults:
+            if f.kind == "hold_port":
+                self.network.hold(f.host, int(f.port), FOREIGN)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def dirty(self, rank: int) -> None:
+        """Something of ``rank`` may have changed: re-check its waiters."""
+        r = self.ranks[rank]
+        if not r.waiters or r.reader is None:
+            return
+        still = []
+        for w in r.waiters:
+            if w.event.triggered:
+                continue
+            if w.effect.predicate(r.reader):
+                w.event.succeed(True)
+            else:
+                still.append(w)
+        r.waiters = still
+
+    def spawn(self, rank: SimRank, name: str, gen: fx.Activity, daemon: bool) -> Act:
+        act = Act(rank.env.rank, name, self.next_handle, daemon)
+        self.next_handle += 1
+        act.finished = self.env.event()
+        rank.acts[act.handle] = act
+        self.env.process(self._run_activity(rank, act, gen))
+        return act
+
+    def _run_activity(self, r: SimRank, act: Act, gen: fx.Activity) -> SimGen:
+        result: Any = None
+        error: BaseException | None = None
+        while True:
+            if not r.alive:
+                break
+            if r.paused_until > self.env.now:
+                yield self.env.timeout(r.paused_until - self.env.now)
+            try:
+                eff = gen.throw(error) if error is not None else gen.send(result)
+            except StopIteration as stop:
+                act.result = stop.value
+                break
+            except ProtocolError as exc:
+                r.error = exc
+                self._mark(r, act, fx.mark("error", text=str(exc), cause=exc.cause))
+                break
+            error = None
+            act.current = eff
+            act.since = t0 = self.env.now
+            try:
+                result = yield from self.interpret(r, act, eff)
+            except ProtocolError as exc:  # an effect can fail in a way the protocol must see
+                error = exc
+                result = None
+            self.effect_count += 1
+            if self.cal.effect_cpu_s:
+                yield self.env.timeout(self.cal.effect_cpu_s)
+            if self.record_effects and not isinstance(eff, fx.Mark):
+                self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
+            act.current = None
+            self.dirty(r.env.rank)
+        act.done = True
+        assert act.finished is not None
+        act.finished.succeed(act.result)
+        if act.name == "caller":
+            self._check_all_done()
+
+    def _check_all_done(self) -> None:
+        for r in self.ranks:
+            if not r.alive:
+                continue
+            for a in r.acts.values():
+                if a.name == "caller" and not a.done:
+                    return
+        if not self.stop.triggered:
+            self.stop.succeed("completed")
+
+    def _mark(self, r: SimRank, act: Act, m: fx.Mark) -> None:
+        rec = mark_record(r.env.rank, act.name, self.env.now, m)
+        self.marks.append(rec)
+        if m.name not in NOISE_MARKS:
+            self.last_progress = self.env.now
+        if m.name == "phase":
+            phase = dict(m.data).get("phase", "")
+            if phase in PHASES and PHASES.index(phase) >= PHASES.index(r.phase):
+                r.phase = phase
+                r.phase_t.setdefault(phase, self.env.now)
+            self._phase_faults(r, phase)
+
+    def _phase_faults(self, r: SimRank, phase: str) -> None:
+        for f in r.env.faults:
+            if getattr(f, "rank", None) != r.env.rank or getattr(f, "at", None) != phase:
+                continue
+            if f.kind == "kill_rank":
+                self.kill(r)
+            elif f.kind == "pause_rank":
+                r.paused_until = self.env.now + float(f.seconds)
+
+    def kill(self, r: SimRank) -> None:
+        if not r.alive:
+            return
+        r.alive = False
+        self.killed.append(r.env.rank)
+        self.network.release_rank(r.env.rank)
+        self.marks.append({"type": "mark", "rank": r.env.rank, "activity": "driver", "t": round(self.env.now, 9),
+                           "name": "killed", "data": {}})
+        self._check_all_done()
+
+    # ------------------------------------------------------------------ effects
+
+    def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:  # noqa: C901 - one dispatch
+        env = self.env
+        rank = r.env.rank
+        if isinstance(eff, fx.Mark):
+            self._mark(r, act, eff)
+            return None
+        if isinstance(eff, fx.Now):
+            return env.now
+        if isinstance(eff, fx.Sleep):
+            yield env.timeout(eff.seconds)
+            return None
+        if isinstance(eff, fx.WaitUntil):
+            assert r.reader is not None
+            if eff.predicate(r.reader):
+                return True
+            ev = env.event()
+            r.waiters.append(Waiter(eff, ev))
+            if eff.timeout_s is None:
+                yield ev
+                return True
+            timer = env.timeout(eff.timeout_s)
+            yield ev | timer
+            return ev.triggered
+        if isinstance(eff, (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)):
+            one_way = self.cal.store_one_way_s
+            if one_way is None:
+                one_way = self.network.one_way(r.env.host, self.store_host)
+            result = yield from self.store.request(eff, one_way)
+            return result
+        if isinstance(eff, fx.Allocate):
+            region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
+            r.regions[region.rid] = SimRegion(region, eff.zero)
+            return region
+        if isinstance(eff, fx.Register):
+            sr = r.regions[eff.region.rid]
+            sr.label = eff.label
+            is_dev = eff.region.kind == "device"
+            sr.ipc_handle = eff.want_ipc and is_dev
+            gpu_ok = r.env.gpu is not None and topo.fabric_supported(self.topology, topo.GpuRef(r.env.host, r.env.gpu))
+            sr.fabric_handle = eff.want_fabric and is_dev and gpu_ok
+            err = None if (sr.ipc_handle or not eff.want_ipc) else "cudaIpcGetMemHandle: invalid argument (host memory)"
+            return fx.RegisterResult(sr.ipc_handle, sr.fabric_handle, err)
+        if isinstance(eff, fx.ReadMem):
+            return r.regions[eff.rid].read(eff.offset, eff.length)
+        if isinstance(eff, fx.WriteMem):
+            r.regions[eff.rid].write(eff.offset, eff.data)
+            self._host_wrote(r, eff.rid)
+            return None
+        if isinstance(eff, fx.RpcBind):
+            ok = self.network.hold(r.env.host, eff.port, rank)
+            if ok:
+                r.rpc_port = eff.port
+            return fx.BindResult(ok, None if ok else "EADDRINUSE")
+        if isinstance(eff, fx.RpcServe):
+            self.network.serve(r.env.host, eff.port, rank, eff.handler)
+            return None
+        if isinstance(eff, fx.RpcCall):
+            reply = yield from self._rpc(r, eff)
+            return reply
+        if isinstance(eff, fx.SubmitTransfer):
+            bid = self.transfers.submit(r, eff.writes)
+            return bid
+        if isinstance(eff, fx.PollTransfer):
+            return self.transfers.status(eff.batch)
+        if isinstance(eff, fx.FreeBatch):
+            self.transfers.free(eff.batch)
+            return None
+        if isinstance(eff, fx.Spawn):
+            a = self.spawn(r, eff.name, eff.activity, eff.daemon)
+            return a.handle
+        if isinstance(eff, fx.Join):
+            target = r.acts[eff.handle]
+            assert target.finished is not None
+            value = yield target.finished
+            return value
+        if isinstance(eff, (fx.LoadKernel, fx.Launch, fx.Memcpy, fx.Memset, fx.EventRecord, fx.EventQuery,
+                            fx.StreamSync)):
+            result = yield from self._gpu(r, eff)
+            return result
+        raise TypeError(f"the simulator cannot interpret {type(eff).__name__}")
+
+    def _rpc(self, r: SimRank, eff: fx.RpcCall) -> SimGen:
+        env = self.env
+        host, port = self.network.resolve(r.env.host, eff.target)
+        if host is None:
+            yield env.timeout(eff.timeout_s)
+            return fx.RpcReply(False, b"", "unreachable")
+        one_way = self.cal.rpc_one_way_s if self.cal.rpc_one_way_s is not None else self.network.one_way(r.env.host, host)
+        holder = self.network.ports.get((host, port))
+        if holder is None:
+            yield env.timeout(2 * one_way)
+            return fx.RpcReply(False, b"", "refused")
+        if holder == FOREIGN:
+            yield env.timeout(2 * one_way + self.cal.rpc_service_s)
+            return fx.RpcReply(False, b"", "bad-reply")
+        server = self.network.servers.get((host, port))
+        owner = self.ranks[holder]
+        if server is None or server.handler is None or not owner.alive:
+            yield env.timeout(eff.timeout_s)  # connected, nobody answers
+            return fx.RpcReply(False, b"", "timeout")
+        if owner.env.fault("close_port") is not None:
+            yield env.timeout(eff.timeout_s)
+            return fx.RpcReply(False, b"", "timeout")
+        service = self.cal.rpc_service_s
+        slow = owner.env.fault("slow_peer")
+        if slow is not None:
+            service += float(slow.seconds)
+        pause = max(0.0, owner.paused_until - (env.now + one_way))
+        total = 2 * one_way + service + pause
+        if total > eff.timeout_s:
+            yield env.timeout(eff.timeout_s)
+            return fx.RpcReply(False, b"", "timeout")
+        yield env.timeout(one_way + service + pause)
+        payload = server.handler(eff.method, eff.payload)
+        yield env.timeout(one_way)
+        return fx.RpcReply(True, payload, None)
+
+    # ------------------------------------------------------------------ GPU
+
+    def _ctx(self, r: SimRank) -> Any:
+        eager = r.env.env.get("CUDA_MODULE_LOADING", "").upper() == "EAGER"
+        return self.gpu.context(r.env.rank, eager=eager)
+
+    def _host_wrote(self, r: SimRank, rid: int) -> None:
+        ctx = self.gpu.contexts.get(r.env.rank)
+        if ctx is None:
+            return
+        for (table, slot), _op in list(ctx.spins.items()):
+            if table == rid:
+                flag = r.regions[rid].read(slot * 64, 4)
+                if flag == b"\0\0\0\0":
+                    ctx.release_spin((table, slot))
+
+    def _gpu(self, r: SimRank, eff: fx.Effect) -> SimGen:
+        from . import kernels
+
+        env = self.env
+        ctx = self._ctx(r)
+        if isinstance(eff, fx.LoadKernel):
+            if eff.kernel in ctx.loaded:
+                return None
+            while ctx.running_kernels:
+                ev = env.event()
+                ctx.load_waiters.append(ev)
+                ctx.load_pending = ctx.load_pending or eff.kernel
+                yield ev
+            yield env.timeout(1e-3)
+            ctx.loaded.add(eff.kernel)
+            return None
+        if isinstance(eff, fx.Launch):
+            op = kernels.launch_op(self, r, ctx, eff)
+            ctx.enqueue(op)
+            yield env.timeout(6e-6)
+            return None
+        if isinstance(eff, fx.Memcpy):
+            op = kernels.memcpy_op(self, r, eff)
+            ctx.enqueue(op)
+            if eff.sync:
+                assert op.done is not None
+                yield op.done
+            else:
+                yield env.timeout(2e-6)
+            return None
+        if isinstance(eff, fx.Memset):
+            op = kernels.memset_op(self, r, eff)
+            ctx.enqueue(op)
+            return None
+        if isinstance(eff, fx.EventRecord):
+            op = Op("event", eff.stream, 0.0, f"event on {eff.stream}")
+            ctx.enqueue(op)
+            eid = ctx.next_event
+            ctx.next_event += 1
+            ctx.events[eid] = op
+            return eid
+        if isinstance(eff, fx.EventQuery):
+            op = ctx.events.get(eff.event)
+            return op is None or op.finished
+        if isinstance(eff, fx.StreamSync):
+            s = ctx.stream(eff.stream)
+            pending = [op for op in ([s.running] if s.running else []) + list(s.queue)]
+            if not pending:
+                return True
+            last = pending[-1]
+            assert last.done is not None
+            timer = env.timeout(eff.timeout_s)
+            yield last.done | timer
+            return last.done.triggered
+        raise TypeError(type(eff).__name__)
+
+    # ------------------------------------------------------------------ running
+
+    def _monitor(self, stall_s: float, deadline_s: float) -> SimGen:
+        env = self.env
+        step = max(stall_s / 4, 1e-3)
+        while not self.stop.triggered:
+            yield env.timeout(step)
+            if self.stop.triggered:
+                return
+            if env.now - self.last_progress >= stall_s:
+                self.stop.succeed("stall")
+                return
+            if env.now >= deadline_s:
+                self.stop.succeed("deadline")
+                return
+
+    def blocked(self) -> list[Blocked]:
+        out = []
+        for r in self.ranks:
+            if not r.alive:
+                continue
+            for a in r.acts.values():
+                if a.done or a.current is None:
+                    continue
+                if not getattr(a.current, "blocking", False) and not isinstance(a.current, fx.Sleep):
+                    continue
+                if isinstance(a.current, fx.Sleep):
+                    continue
+                what, blockers = describe_wait(a.current)
+                out.append(Blocked(r.env.rank, a.name, type(a.current).__name__, what, blockers,
+                                   round(a.since, 9), None))
+            ctx = self.gpu.contexts.get(r.env.rank)
+            if ctx is not None:
+                for what, resource in ctx.holds():
+                    out.append(Blocked(r.env.rank, "gpu", "DeviceWork", what, (), round(self.env.now, 9), resource))
+        return out
+
+    def run(self) -> RunResult:
+        wall0 = time.perf_counter()
+        sc = self.scenario
+        for r in self.ranks:
+            self.spawn(r, "caller", rank_main(r.env), daemon=False)
+        deadline = sc.deadlines.bootstrap_s + sc.deadlines.collective_s * max(1, len(sc.workload))
+        self.env.process(self._monitor(sc.deadlines.stall_s, deadline))
+        self.env.run(until=self.stop)
+        reason = str(self.stop.value)
+        blocked = self.blocked() if reason != "completed" else []
+        return RunResult(
+            mode="sim",
+            end_reason=reason,
+            sim_time_s=self.env.now if reason == "completed" else self.last_progress,
+            wall_s=time.perf_counter() - wall0,
+            envs=self.envs,
+            marks=self.marks,
+            effects=self.effects,
+            blocked=blocked,
+            errors={r.env.rank: (str(r.error), r.error.cause) for r in self.ranks if r.error is not None},
+            phases={r.env.rank: r.phase for r in self.ranks},
+            phase_times={r.env.rank: dict(r.phase_t) for r in self.ranks},
+            killed=list(self.killed),
+            stats={"effects": self.effect_count, "store_ops": self.store.ops,
+                   "store_max_queue_s": self.store.max_queue_s, "writes": self.transfers.writes,
+                   "bytes_moved": self.transfers.bytes_moved, "end_time_s": self.env.now},
+        )
+
+
+def simulate(scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
+             progress: Callable[[str], None] | None = None) -> RunResult:
+    """Run one scenario in the simulator."""
+    return Simulation(scenario, record_effects=record_effects, calibration=calibration).run()

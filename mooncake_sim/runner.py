@@ -1,0 +1,126 @@
+"""``mooncake-sim run``: load a scenario, simulate it, print the report, exit by the expectation.
+
+Exit status: 0 when the outcome matches the scenario's ``expect`` (with no ``expect``: when it
+completes), 1 when it does not, 2 for bad input. With no scenario, the flagship runs: the seed's
+situation on a GB200 NVL72 rack under ``legacy-1755`` with the #1755 fixes applied one at a time, then
+under ``fixed``, side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mooncake_protocol.errors import InputError
+from mooncake_protocol.outcome import Outcome, evaluate, format_summary
+from mooncake_protocol.policy import PRESETS, make_policy
+from mooncake_protocol.scenario import load_scenario
+
+from .driver import Calibration, simulate
+
+FLAGSHIP = "nvl72-first-collective"
+
+#: The flagship's ladder: legacy-1755, then each #1755 fix switched on in turn, then fixed.
+FLAGSHIP_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("legacy-1755", {}),
+    ("legacy-1755", {"check_rpc_bind": True}),
+    ("legacy-1755", {"check_rpc_bind": True, "host_region_wildcard_label": True}),
+    ("legacy-1755", {"check_rpc_bind": True, "host_region_wildcard_label": True, "preload_reduce_kernels": True}),
+    ("fixed", {}),
+)
+
+
+def load_calibration(path: str) -> Calibration:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(path, "", "calibration file not found; write one with `mooncake-real calibrate -o FILE`") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg}); regenerate it with `mooncake-real calibrate`") from None
+    if not isinstance(data, dict) or not isinstance(data.get("sim"), dict):
+        raise InputError(path, "sim", "missing the 'sim' section of constants; regenerate it with `mooncake-real calibrate`")
+    for k, v in data["sim"].items():
+        if not hasattr(Calibration(), k):
+            raise InputError(path, f"sim.{k}", f"unknown constant; known: {', '.join(f.name for f in dataclasses.fields(Calibration))}")
+        if v is not None and (not isinstance(v, (int, float)) or v < 0):
+            raise InputError(path, f"sim.{k}", f"must be a non-negative number of seconds, got {v!r}")
+    return Calibration.from_dict(data["sim"])
+
+
+def with_policy(scenario: Any, preset: str, overrides: dict[str, Any] | None = None) -> Any:
+    merged = dict(getattr(scenario, "policy_overrides", ()) or ())
+    merged.update(overrides or {})
+    policy = make_policy(preset, merged)
+    name = preset + ("" if not overrides else " + " + ", ".join(sorted(k for k in overrides)))
+    return dataclasses.replace(scenario, policy=policy, policy_name=name)
+
+
+def run_one(scenario: Any, *, trace: str | None = None, calibration: Calibration | None = None) -> Outcome:
+    rec = simulate(scenario, record_effects=trace is not None, calibration=calibration)
+    if trace is not None:
+        write_trace(trace, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
+    return evaluate(rec, scenario)
+
+
+def write_trace(path: str, effects: list[dict[str, Any]], marks: list[dict[str, Any]], blocked: list[dict[str, Any]]) -> None:
+    records = sorted(effects + marks, key=lambda r: (r.get("t0", r.get("t", 0.0)), r["rank"]))
+    out = sys.stdout if path == "-" else open(path, "w")
+    try:
+        for rec in records:
+            out.write(json.dumps(rec, sort_keys=True) + "\n")
+        for b in blocked:
+            out.write(json.dumps({"type": "blocked", **b}, sort_keys=True) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+
+
+def _flagship(args: argparse.Namespace, calibration: Calibration | None) -> int:
+    base = load_scenario(FLAGSHIP)
+    if args.seed is not None:
+        base = dataclasses.replace(base, seed=args.seed)
+    outcomes = []
+    for preset, overrides in FLAGSHIP_STEPS:
+        sc = with_policy(base, preset, overrides)
+        if not args.json:
+            print(f"... simulating {base.name} under {sc.policy_name}", file=sys.stderr, flush=True)
+        outcomes.append(run_one(sc, calibration=calibration))
+    if args.json:
+        print(json.dumps({"flagship": base.name, "runs": [o.to_json() for o in outcomes]}, indent=None))
+    else:
+        print(f"{base.name}: {base.description.strip()}\n")
+        w = max(len(o.policy) for o in outcomes)
+        print(f"{'policy':<{w}}  {'verdict':<9} {'cause':<28} {'phase':<10} {'sim time':>10}  wall")
+        for o in outcomes:
+            print(f"{o.policy:<{w}}  {o.verdict:<9} {str(o.cause or '-'):<28} {o.phase:<10} {o.sim_time_s:>9.4f}s  {o.wall_s:.1f}s")
+        print()
+        for o in (outcomes[0], outcomes[-1]):
+            print(format_summary(o, max_blocked=6))
+            print()
+    ok = outcomes[-1].verdict == "completed" and not outcomes[-1].cause and outcomes[0].verdict != "completed"
+    return 0 if ok else 1
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    calibration = load_calibration(args.calibration) if getattr(args, "calibration", None) else None
+    if not args.scenario:
+        if args.policy or args.trace:
+            raise InputError("mooncake-sim run", "--policy/--trace", "name a scenario to use --policy or --trace")
+        return _flagship(args, calibration)
+    scenario = load_scenario(args.scenario)
+    if args.seed is not None:
+        scenario = dataclasses.replace(scenario, seed=args.seed)
+    if args.policy:
+        if args.policy not in PRESETS:
+            raise InputError("--policy", "", f"unknown policy preset {args.policy!r}; use one of: {', '.join(PRESETS)}")
+        scenario = with_policy(scenario, args.policy)
+    outcome = run_one(scenario, trace=args.trace, calibration=calibration)
+    if args.json:
+        print(json.dumps(outcome.to_json()))
+    else:
+        print(format_summary(outcome))
+    return 0 if outcome.matches else 1

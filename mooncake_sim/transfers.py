@@ -1,0 +1,182 @@
+"""Transfers: WRITEs along the selected transport's path, with latency, shared bandwidth and CUDA calls.
+
+For each WRITE the model asks :func:`mooncake_protocol.fabric.write_failure` whether the hardware can do
+it (MNNVL refuses host-memory targets, NVLink/SHM only within one physical host, RDMA only through NICs,
+GPU memory over RDMA only with GPUDirect), then moves the bytes after ``latency + length / rate``, where
+the rate is the path's bottleneck shared fairly with the flows already on its links.
+
+Transports that call the CUDA runtime put that work on the writer's GPU context, so the GPU model can hold
+it: TENT NVLink copies asynchronously on a non-blocking stream of its own; MNNVL copies synchronously
+(legacy default stream) below 128 MiB; TCP stages through synchronous ``cudaMemcpy`` on the legacy stream
+(TENT even for host memory, TE when GPU memory is involved). RDMA and SHM make no CUDA calls.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mooncake_protocol import effects as fx
+from mooncake_protocol import topology as topo
+from mooncake_protocol.fabric import TargetInfo, write_failure
+from mooncake_protocol.memory import split_addr
+
+from .gpu import Op
+
+if TYPE_CHECKING:
+    from .driver import SimRank, Simulation
+
+MNNVL_SYNC_LIMIT = 128 << 20
+FAIL_LATENCY_S = 2e-6
+SMALL_PAYLOAD = 64
+
+
+@dataclass
+class BatchState:
+    statuses: list[str]
+    owner: int
+
+
+@dataclass
+class Flow:
+    edges: tuple[tuple[str, str], ...]
+
+
+@dataclass
+class TransferModel:
+    sim: Simulation
+    batches: dict[int, BatchState] = field(default_factory=dict)
+    next_id: int = 1
+    link_flows: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    writes: int = 0
+    bytes_moved: int = 0
+
+    def status(self, bid: int) -> tuple[str, ...]:
+        b = self.batches.get(bid)
+        return tuple(b.statuses) if b else ()
+
+    def free(self, bid: int) -> None:
+        self.batches.pop(bid, None)
+
+    def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
+        if region.kind == "device":
+            return topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)
+        return topo.Endpoint(r.env.host, "host", None, r.env.numa)
+
+    def submit(self, r: SimRank, writes: tuple[fx.WriteReq, ...]) -> int:
+        bid = self.next_id
+        self.next_id += 1
+        state = BatchState(["pending"] * len(writes), r.env.rank)
+        self.batches[bid] = state
+        groups: dict[float, list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]] = defaultdict(list)
+        env = self.sim.env
+        for i, w in enumerate(writes):
+            self.writes += 1
+            delay, failure, payload, edges, cuda = self._plan(r, w)
+            if failure is not None:
+                self._fail_later(bid, i, failure, FAIL_LATENCY_S)
+                continue
+            for e in edges:
+                self.link_flows[e] += 1
+            if cuda is not None:
+                self._via_gpu(r, bid, i, w, payload, edges, delay, cuda)
+            else:
+                groups[env.now + delay].append((i, w, payload, edges))
+        for t, items in groups.items():
+            ev = env.timeout(t - env.now)
+            ev.callbacks.append(lambda _e, bid=bid, items=items: self._land(bid, items))
+        return bid
+
+    def _fail_later(self, bid: int, i: int, failure: str, delay: float) -> None:
+        ev = self.sim.env.timeout(delay)
+
+        def fail(_e: object) -> None:
+            b = self.batches.get(bid)
+            if b is not None:
+                b.statuses[i] = f"failed:{failure}"
+                self.sim.dirty(b.owner)
+
+        ev.callbacks.append(fail)
+
+    def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]) -> None:
+        b = self.batches.get(bid)
+        touched = set()
+        for i, w, payload, edges in items:
+            for e in edges:
+                self.link_flows[e] -= 1
+            if not self._deliver(w, payload):
+                if b is not None:
+                    b.statuses[i] = "failed:peer-dead"
+                continue
+            touched.add(w.dst_owner)
+            self.bytes_moved += w.length
+            if b is not None:
+                b.statuses[i] = "completed"
+        if b is not None:
+            self.sim.dirty(b.owner)
+        for o in touched:
+            self.sim.dirty(o)
+
+    def _deliver(self, w: fx.WriteReq, payload: bytes) -> bool:
+        owner = self.sim.ranks[w.dst_owner]
+        if not owner.alive:
+            return False
+        parts = split_addr(w.dst_addr)
+        region = owner.regions.get(parts.rid)
+        if region is None:
+            return False
+        if payload:
+            region.write(parts.offset, payload)
+        return True
+
+    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float] | None]:
+        sim = self.sim
+        parts = split_addr(w.dst_addr)
+        if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
+            return 0.0, "address-not-found", b"", (), None
+        owner = sim.ranks[w.dst_owner]
+        if not owner.alive:
+            return 0.0, "peer-dead", b"", (), None
+        dst = owner.regions.get(parts.rid)
+        target = None
+        if dst is not None and dst.label is not None and dst.region.contains(w.dst_addr, w.length):
+            target = TargetInfo(dst.region.kind, dst.ipc_handle, dst.fabric_handle)
+        src = r.regions[w.src_rid]
+        src_ep = self.endpoint(r, src.region)
+        p: topo.Path | topo.NoPath | None = None
+        if target is not None and dst is not None:
+            p = topo.path(sim.topology, src_ep, self.endpoint(owner, dst.region), w.transport)
+        path_reason = p.reason if isinstance(p, topo.NoPath) else None
+        failure = write_failure(w.transport, target, r.env.host == owner.env.host, path_reason)
+        if failure is not None or not isinstance(p, topo.Path):
+            return 0.0, failure or "no-path", b"", (), None
+        edges = tuple(tuple(sorted(h)) for h in p.hops)  # type: ignore[misc]
+        rate = p.bandwidth_Bps
+        for e in edges:
+            bw = sim.topology.graph.edges[e]["bandwidth_Bps"]
+            rate = min(rate, bw / (self.link_flows[e] + 1))
+        if w.transport == "rdma":
+            lat = p.latency_s + sim.rdma_overhead_s
+        else:
+            lat = p.latency_s
+        delay = lat + w.length / rate
+        # sizes mode moves only lengths; small control words (flags) are always carried exactly
+        payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
+        cuda = None
+        if r.env.backend == "cuda" and r.env.cuda_platform:
+            if w.transport == "nvlink":
+                cuda = ("transfer", delay)
+            elif w.transport == "mnnvl" and w.length < MNNVL_SYNC_LIMIT:
+                cuda = ("legacy", delay)
+            elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
+                cuda = ("legacy", delay)
+        return delay, None, payload, edges, cuda
+
+    def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
+                 edges: tuple[tuple[str, str], ...], delay: float, cuda: tuple[str, float]) -> None:
+        stream, duration = cuda
+        ctx = self.sim.gpu.context(r.env.rank)
+        op = Op("memcpy", stream, duration, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
+        op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])
+        ctx.enqueue(op)

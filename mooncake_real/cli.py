@@ -1,0 +1,117 @@
+"""``mooncake-real``: run scenarios for real, run one rank under torchrun/SLURM, discover this machine."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from mooncake_protocol.errors import InputError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mooncake-real", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run a scenario for real on this machine (one process per rank)")
+    run.add_argument("scenario", nargs="?", help="bundled scenario name or path to a .yaml file")
+    run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument("--trace", metavar="FILE", help="write the merged trace as JSON lines")
+    run.add_argument("--deadline", type=float, default=None, help="seconds before a hang is declared")
+    run.add_argument("--keep", action="store_true", help="keep the job directory (specs, traces, dumps, logs)")
+
+    rank = sub.add_parser("rank", help="run one rank started by torchrun or srun (reads RANK/WORLD_SIZE/... )")
+    rank.add_argument("--scenario", help="scenario the protocol entry runs")
+    rank.add_argument("--entry", default="mooncake_real.entry:protocol_activity", help="module:callable entry")
+    rank.add_argument("--token", default=os.environ.get("MOONCAKE_REAL_TOKEN"),
+                      help="the job's store token (default: $MOONCAKE_REAL_TOKEN); the same for every rank")
+    rank.add_argument("--job-dir", help="directory for this rank's files (default: /tmp/mooncake-real-<job>)")
+    rank.add_argument("--host", default=None, help="address this rank binds and advertises (default: this host's)")
+    rank.add_argument("--deadline", type=float, default=600.0, help="seconds before the rank dumps and exits")
+
+    disc = sub.add_parser("discover", help="write this machine's topology as a topology YAML file")
+    disc.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    return p
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from .driver import RankSpec, run_rank
+    from .launch_env import launch_env
+    from .store import StoreServer
+
+    le = launch_env(os.environ)
+    if not args.token:
+        raise InputError("MOONCAKE_REAL_TOKEN", "", "no store token; set MOONCAKE_REAL_TOKEN (the same random string for every rank)")
+    job = hashlib.sha256(f"{args.token}:{le.master_addr}:{le.master_port}".encode()).hexdigest()[:8]
+    job_dir = Path(args.job_dir or f"/tmp/mooncake-real-{job}")
+    job_dir.mkdir(parents=True, exist_ok=True)
+    server = None
+    if le.rank == 0:
+        bind = le.master_addr if le.master_addr in ("127.0.0.1", "localhost") else "0.0.0.0"
+        server = StoreServer(args.token, host=bind, port=le.master_port).start()
+    host = args.host or ("127.0.0.1" if le.master_addr in ("127.0.0.1", "localhost") else _my_address(le.master_addr))
+    spec = RankSpec(job_id=job, job_dir=str(job_dir), rank=le.rank, world_size=le.world_size,
+                    store_addr=f"{le.master_addr}:{le.master_port}", token=args.token, t0=time.monotonic(),
+                    deadline_s=args.deadline, entry=args.entry, scenario=args.scenario, host=host,
+                    gpu=le.local_rank if _has_gpu() else None, release="count")
+    try:
+        return run_rank(spec)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _has_gpu() -> bool:
+    from .gpu import gpu_count
+
+    return gpu_count() > 0
+
+
+def _my_address(master: str) -> str:
+    """The local address used to reach the master (what peers can reach us at)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((master, 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from .discover import discover, to_yaml
+
+    text = to_yaml(discover())
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .launch_env import LaunchEnvError
+
+    try:
+        if args.cmd == "run":
+            from .runner import cmd_run
+
+            return cmd_run(args)
+        if args.cmd == "rank":
+            return cmd_rank(args)
+        return cmd_discover(args)
+    except (InputError, LaunchEnvError) as exc:
+        print(f"mooncake-real: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mooncake-real: interrupted; every rank process was stopped and its shared memory removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

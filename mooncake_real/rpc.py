@@ -1,0 +1,228 @@
+"""Each rank's RPC server on a real TCP port, and the client that calls peers by "host:port".
+
+Rules of this module:
+
+* :meth:`RpcServer.bind` does a real bind of a zmq ROUTER socket on ``tcp://<host>:<port>`` and keeps it
+  (bind-and-keep, as the protocol asks). A port someone else listens on gives ``EADDRINUSE`` exactly as
+  the OS says; zmq sets SO_REUSEADDR, which on Linux still fails against a LISTENING socket.
+* :meth:`RpcServer.serve` starts one server thread (TENT has one) that dispatches ``(method, payload)`` to
+  the protocol's handler. Methods starting with ``__`` are the driver's own (data path: ``__write__``,
+  ``__ipc__``, ``__region__``); they are answered even before the protocol serves, exactly when a socket is
+  bound and served, never otherwise.
+* Wire format: request ``[req_id, method, payload]`` from a DEALER; reply ``[req_id, b"ok"|b"err", payload]``.
+* :class:`RpcClient` caches one DEALER per (thread, target). A new connection is preceded by a plain TCP
+  connect probe, so a port with no listener answers ``refused`` at once (zmq alone would retry silently).
+  On a timeout the connection is dropped, so a late reply never answers a later call.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from mooncake_protocol.effects import BindResult, RpcReply
+
+Handler = Callable[[str, bytes], bytes]
+
+
+def split_target(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RPC target {target!r} is not host:port")
+    return host, int(port)
+
+
+class RpcServer:
+    """One rank's RPC server. ``builtins``: driver methods (name -> fn(payload) -> bytes)."""
+
+    def __init__(self, host: str = "127.0.0.1", builtins: Mapping[str, Callable[[bytes], bytes]] | None = None) -> None:
+        self.host = host
+        self.builtins = dict(builtins or {})
+        self._sockets: dict[int, Any] = {}
+        self._threads: dict[int, threading.Thread] = {}
+        self._stop = threading.Event()
+        self.stats: Counter[str] = Counter()
+        self._ctx: Any = None
+
+    def _context(self) -> Any:
+        import zmq
+
+        if self._ctx is None:
+            self._ctx = zmq.Context.instance()
+        return self._ctx
+
+    @property
+    def served_ports(self) -> tuple[int, ...]:
+        return tuple(self._threads)
+
+    def bind(self, port: int) -> BindResult:
+        import zmq
+
+        if port in self._sockets:
+            return BindResult(True)
+        sock = self._context().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(f"tcp://{self.host}:{port}")
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else str(exc)
+            return BindResult(False, name)
+        self._sockets[port] = sock
+        return BindResult(True)
+
+    def serve(self, port: int, handler: Handler | None) -> bool:
+        """Start serving ``port`` (returns False, serving nothing, when that port is not bound)."""
+        sock = self._sockets.get(port)
+        if sock is None:
+            return False
+        if port in self._threads:
+            return True
+        t = threading.Thread(target=self._loop, args=(sock, handler), name=f"rpc-server-{port}", daemon=True)
+        self._threads[port] = t
+        t.start()
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads.values():
+            t.join(2)
+        for port, sock in list(self._sockets.items()):
+            if port not in self._threads or not self._threads[port].is_alive():
+                sock.close(0)
+        self._sockets.clear()
+
+    def _dispatch(self, handler: Handler | None, method: str, payload: bytes) -> bytes:
+        fn = self.builtins.get(method)
+        if fn is not None:
+            return fn(payload)
+        if handler is None or method.startswith("__"):
+            raise LookupError(f"no RPC method {method!r}")
+        return handler(method, payload)
+
+    def _loop(self, sock: Any, handler: Handler | None) -> None:
+        import zmq
+
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(50):
+                    continue
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                if len(frames) != 4:
+                    self.stats["malformed"] += 1
+                    continue
+                ident, req_id, method_b, payload = frames
+                try:
+                    method = method_b.decode("ascii")
+                    self.stats[method] += 1
+                    out, status = self._dispatch(handler, method, payload), b"ok"
+                except Exception as exc:  # a handler error is the caller's bad reply, not our crash
+                    out, status = f"{type(exc).__name__}: {exc}".encode(), b"err"
+                try:
+                    sock.send_multipart([ident, req_id, status, out], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close(0)
+
+
+class RpcClient:
+    """Calls peers. Connections are cached per thread and target."""
+
+    def __init__(self, probe_timeout_s: float = 1.0) -> None:
+        self._local = threading.local()
+        self._ids = itertools.count(1)
+        self._ids_lock = threading.Lock()
+        self.probe_timeout_s = probe_timeout_s
+        self.stats: Counter[str] = Counter()
+        self._all: list[Any] = []
+        self._all_lock = threading.Lock()
+
+    def _conns(self) -> dict[str, Any]:
+        conns = getattr(self._local, "conns", None)
+        if conns is None:
+            conns = self._local.conns = {}
+        return conns
+
+    def _drop(self, target: str) -> None:
+        sock = self._conns().pop(target, None)
+        if sock is not None:
+            with self._all_lock:
+                if sock in self._all:
+                    self._all.remove(sock)
+            sock.close(0)
+
+    def close(self) -> None:
+        """Close every connection of every thread (at rank exit)."""
+        with self._all_lock:
+            socks, self._all = self._all, []
+        for s in socks:
+            try:
+                s.close(0)
+            except Exception:
+                pass
+
+    def _probe(self, host: str, port: int, timeout_s: float) -> str | None:
+        try:
+            with socket.create_connection((host, port), timeout=min(timeout_s, self.probe_timeout_s)):
+                return None
+        except ConnectionRefusedError:
+            return "refused"
+        except TimeoutError:
+            return "timeout" if timeout_s <= self.probe_timeout_s else "unreachable"
+        except OSError:
+            return "unreachable"
+
+    def call(self, target: str, method: str, payload: bytes, timeout_s: float) -> RpcReply:
+        import zmq
+
+        try:
+            host, port = split_target(target)
+        except ValueError:
+            return RpcReply(False, b"", "unreachable")
+        conns = self._conns()
+        sock = conns.get(target)
+        deadline = time.monotonic() + timeout_s
+        if sock is None:
+            err = self._probe(host, port, timeout_s)
+            if err is not None:
+                self.stats[err] += 1
+                return RpcReply(False, b"", err)
+            sock = zmq.Context.instance().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{host}:{port}")
+            conns[target] = sock
+            with self._all_lock:
+                self._all.append(sock)
+        with self._ids_lock:
+            req_id = str(next(self._ids)).encode()
+        sock.send_multipart([req_id, method.encode("ascii"), payload])
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                self._drop(target)
+                self.stats["timeout"] += 1
+                return RpcReply(False, b"", "timeout")
+            frames = sock.recv_multipart()
+            if len(frames) != 3:
+                self._drop(target)
+                return RpcReply(False, b"", "bad-reply")
+            rid, status, out = frames
+            if rid != req_id:
+                continue  # a late reply to an earlier call of this thread
+            if status != b"ok":
+                self.stats["bad-reply"] += 1
+                return RpcReply(False, out, "bad-reply")
+            self.stats["ok"] += 1
+            return RpcReply(True, out, None)

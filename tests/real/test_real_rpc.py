@@ -1,0 +1,115 @@
+"""RPC servers on real ports: EADDRINUSE, refused, timeouts, dispatch."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+pytest.importorskip("zmq")
+
+from real_helpers import free_port  # noqa: E402
+
+from mooncake_real.rpc import RpcClient, RpcServer  # noqa: E402
+
+
+def echo(method: str, payload: bytes) -> bytes:
+    if method == "echo":
+        return b"echo:" + payload
+    raise LookupError(method)
+
+
+def test_second_bind_of_same_port_gets_eaddrinuse():
+    port = free_port()
+    a, b = RpcServer(), RpcServer()
+    try:
+        assert a.bind(port).ok
+        res = b.bind(port)
+        assert (res.ok, res.error) == (False, "EADDRINUSE")
+    finally:
+        a.close()
+        b.close()
+
+
+def test_blocker_socket_makes_bind_fail():
+    port = free_port()
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen(1)
+    s = RpcServer()
+    try:
+        res = s.bind(port)
+        assert (res.ok, res.error) == (False, "EADDRINUSE")
+    finally:
+        s.close()
+        blocker.close()
+
+
+def test_call_and_builtins_and_errors():
+    port = free_port()
+    s = RpcServer(builtins={"__ping__": lambda p: b"pong" + p})
+    assert s.bind(port).ok
+    s.serve(port, echo)
+    c = RpcClient()
+    try:
+        r = c.call(f"127.0.0.1:{port}", "echo", b"hi", 2.0)
+        assert (r.ok, r.payload, r.error) == (True, b"echo:hi", None)
+        assert c.call(f"127.0.0.1:{port}", "__ping__", b"!", 2.0).payload == b"pong!"
+        bad = c.call(f"127.0.0.1:{port}", "nope", b"", 2.0)
+        assert (bad.ok, bad.error) == (False, "bad-reply")
+        assert b"LookupError" in bad.payload
+        # the server survived the handler error
+        assert c.call(f"127.0.0.1:{port}", "echo", b"again", 2.0).ok
+    finally:
+        c.close()
+        s.close()
+
+
+def test_call_to_port_without_server_is_refused_quickly():
+    port = free_port()
+    c = RpcClient()
+    t = time.monotonic()
+    r = c.call(f"127.0.0.1:{port}", "echo", b"", 5.0)
+    assert (r.ok, r.error) == (False, "refused")
+    assert time.monotonic() - t < 0.5
+
+
+def test_bound_but_not_served_times_out():
+    port = free_port()
+    s = RpcServer()
+    assert s.bind(port).ok
+    c = RpcClient()
+    try:
+        t = time.monotonic()
+        r = c.call(f"127.0.0.1:{port}", "echo", b"", 0.3)
+        assert (r.ok, r.error) == (False, "timeout")
+        assert time.monotonic() - t < 1.0
+    finally:
+        c.close()
+        s.close()
+
+
+def test_non_zmq_listener_times_out():
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen(1)
+    c = RpcClient()
+    try:
+        r = c.call(f"127.0.0.1:{port}", "echo", b"", 0.3)
+        assert (r.ok, r.error) == (False, "timeout")
+    finally:
+        c.close()
+        blocker.close()
+
+
+def test_serve_on_unbound_port_serves_nothing():
+    s = RpcServer()
+    assert s.serve(free_port(), echo) is False
+
+
+def test_bad_target():
+    r = RpcClient().call("no-port-here", "echo", b"", 0.5)
+    assert (r.ok, r.error) == (False, "unreachable")

@@ -146,11 +146,13 @@ def construct(proc: ProcessState, group: int = 0) -> Activity:
         r = yield from engine.alloc(tag + name, "host", max(SYNC_BYTES, env.size * 4), None, zero=pol.zero_sync_flags)
         b.regions[name] = r
         yield from engine.register(r, host_label)
+    yield mark("sync_flags", zeroed=pol.zero_sync_flags, label=host_label)
     # 7. worker (and reduce-kernel preload for the GPU backend)
     if proc.worker is None:
         from .worker import Worker
 
         proc.worker = Worker(proc)
+        yield from proc.worker.allocate_table()
         if env.backend == "cuda" and pol.preload_reduce_kernels:
             yield from proc.worker.preload_reduce_kernels()
         yield fx.Spawn("worker", proc.worker.run(), daemon=True)
@@ -163,9 +165,9 @@ def construct(proc: ProcessState, group: int = 0) -> Activity:
     # 9. warmup regions unless MNNVL warmup skip (#1644)
     b.skip_warmup = env.env.get("MC_USE_NVLINK_IPC") == "0" and env.all_fabric
     if not b.skip_warmup:
-        ws = yield from engine.alloc(tag + "warmup_send", "host", WARMUP_BYTES, None)
+        ws = yield from engine.alloc(tag + "warmup_send", "host", max(WARMUP_BYTES, env.size * 4), None)
         yield fx.WriteMem(ws.rid, 0, (1).to_bytes(4, "little"))
-        wr = yield from engine.alloc(tag + "warmup_recv", "host", WARMUP_BYTES, None)
+        wr = yield from engine.alloc(tag + "warmup_recv", "host", max(WARMUP_BYTES, env.size * 4), None)
         b.regions["warmup_send"], b.regions["warmup_recv"] = ws, wr
         yield from engine.register(ws, host_label)
         yield from engine.register(wr, host_label)
@@ -179,6 +181,9 @@ def construct(proc: ProcessState, group: int = 0) -> Activity:
         regs["warmup_recv"].addr if "warmup_recv" in regs else 0,
         *p2p_addrs)
     size = env.size
+    b.regions["active_ranks"] = yield from engine.alloc(tag + "active_ranks", "pinned" if env.backend == "cuda" else "host",
+                                                       max(64, size), None)
+    yield fx.WriteMem(b.regions["active_ranks"].rid, 0, b"\x01" * size)
     b.active = [True] * size
     b.peer_connected = [False] * size
     b.peers = [PeerConnection() for _ in range(size)]

@@ -192,6 +192,26 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ", ".join(map(str, ranks))
 
 
+def _ping_false_positive(f: Facts) -> tuple[str, str] | None:
+    for m in f.named("peer_marked_broken"):
+        d = m["data"]
+        if "ping" in str(d.get("reason")) and d.get("peer") not in f.killed:
+            return "ping-false-positive", (f"rank {m['rank']} marked rank {d.get('peer')} broken during {d.get('during')} "
+                                           f"({d.get('reason')}) although it was alive: it is silently dropped "
+                                           "from the results")
+    return None
+
+
+def _uninitialized_sync_flag(f: Facts) -> tuple[str, str] | None:
+    if not f.wrong_results:
+        return None
+    unzeroed = [m for m in f.named("sync_flags") if not m["data"].get("zeroed")]
+    if not unzeroed:
+        return None
+    return "uninitialized-sync-flag", (f"{f.wrong_results[0]}: the sync flag arrays were not zeroed, so a stale "
+                                       "flag let a rank read its receive buffer before every peer's data had landed")
+
+
 #: The rules, most specific first. Worker- and collective-level marks come from the collective phase.
 RULES: tuple[Rule, ...] = (
     _error_cause,
@@ -222,12 +242,8 @@ RULES: tuple[Rule, ...] = (
                lambda m: f"rank {m['rank']}'s first WRITE to rank {m['data'].get('peer')} uses the direction "
                "the warmup never proved, and it fails"),
     _unreachable_segment,
-    _mark_rule("peer_dropped_alive", "ping-false-positive",
-               lambda m: f"rank {m['rank']} marked live rank {m['data'].get('peer')} broken after a ping "
-               "timed out; it is silently dropped from the results"),
-    _mark_rule("early_sync_flag", "uninitialized-sync-flag",
-               lambda m: f"rank {m['rank']} found rank {m['data'].get('peer')}'s sync flag already set before "
-               "its data landed (sync flags were not zeroed): it read its receive buffer too early"),
+    _ping_false_positive,
+    _uninitialized_sync_flag,
 )
 
 
@@ -245,9 +261,9 @@ def wait_for_graph(blocked: Sequence[Blocked]) -> tuple[tuple[str, str], ...]:
 
 
 def diagnose(marks: Sequence[dict[str, Any]], blocked: Sequence[Blocked], errors: dict[int, tuple[str, str | None]],
-             verdict: str, killed: Sequence[int] = ()) -> Diagnosis:
+             verdict: str, killed: Sequence[int] = (), wrong_results: Sequence[str] = ()) -> Diagnosis:
     """Name the cause of a run's failure (or of an anomaly in a completed run), or None."""
-    f = Facts(marks, blocked, errors, verdict, killed=tuple(killed))
+    f = Facts(marks, blocked, errors, verdict, killed=tuple(killed), wrong_results=list(wrong_results))
     for rule in RULES:
         hit = rule(f)
         if hit is not None:

@@ -297,7 +297,8 @@ class ReduceArgs:
     count: int
     nranks: int
     stride: int  # bytes between rank slices in src
-    active: tuple[bool, ...]
+    active: tuple[bool, ...]  # used when active_rid is None
+    active_rid: int | None = None  # a region of one byte per rank, read when the kernel runs
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ class Outcome:
 
 
 def pair_class(a: RankEnv, b: RankEnv) -> str:
+    if a.rank == b.rank:
+        return "self"
     if a.host != b.host:
         return "inter-host"
     if a.gpu is not None and a.gpu == b.gpu:
@@ -174,7 +176,7 @@ def evaluate(rec: RunRecord, scenario: Any) -> Outcome:
     else:
         phase = min((rec.phases[r] for r in alive), key=PHASES.index, default="bootstrap")
     results, problems = _results(rec)
-    diag = diagnose(rec.marks, rec.blocked, rec.errors, verdict, rec.killed)
+    diag = diagnose(rec.marks, rec.blocked, rec.errors, verdict, rec.killed, problems)
     cause = diag.cause
     transports: dict[str, Counter[str]] = defaultdict(Counter)
     by_rank = {e.rank: e for e in rec.envs}

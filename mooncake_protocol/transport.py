@@ -63,7 +63,8 @@ def tent_offers(transport: str, label: str, ipc_handle: bool, fabric_handle: boo
 def tent_loaded_transports(config: Mapping[str, bool], env: Mapping[str, str], *, has_rdma_nic: bool,
                            cuda_platform: bool, all_fabric: bool) -> tuple[str, ...]:
     """``loadTransports``: TCP (unless disabled), SHM (off by default), RDMA (if a NIC was found), then
-    MNNVL if MC_ENABLE_MNNVL is set and every device supports fabric handles, otherwise NVLink."""
+    MNNVL if MC_ENABLE_MNNVL is set (or the config's ``mnnvl`` is true) and every device supports fabric
+    handles, otherwise NVLink."""
     loaded = []
     if config.get("tcp", True):
         loaded.append("tcp")
@@ -72,7 +73,7 @@ def tent_loaded_transports(config: Mapping[str, bool], env: Mapping[str, str], *
     if config.get("rdma", True) and has_rdma_nic:
         loaded.append("rdma")
     if cuda_platform:
-        if env.get("MC_ENABLE_MNNVL") and all_fabric and config.get("mnnvl", True):
+        if (env.get("MC_ENABLE_MNNVL") or config.get("mnnvl", False)) and all_fabric:
             loaded.append("mnnvl")
         elif config.get("nvlink", True):
             loaded.append("nvlink")

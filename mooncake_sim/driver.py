@@ -8,6 +8,7 @@ deadline, or when no protocol progress (a non-noise mark) happened for the stall
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from mooncake_protocol.rankenv import RankEnv, make_rank_envs
 from mooncake_protocol.rank import rank_main
 from mooncake_protocol.trace import NOISE_MARKS, PHASES, Blocked, describe_wait, effect_record, mark_record
 
-from .gpu import GpuModel, Op
+from .gpu import ASYNC_CALL_S, KERNEL_LAUNCH_S, MODULE_LOAD_S, GpuModel, Op
 from .memory import SimRegion
 from .network import FOREIGN, RPC_SERVICE_S, Network
 from .store import StoreServer
@@ -104,6 +105,14 @@ class SimRank:
 
 RunResult = RunRecord
 
+GC_GEN0_THRESHOLD = 100_000
+
+#: Effects whose interpretation never lets simulated time pass (no SimPy event is awaited).
+_INSTANT_EFFECTS: frozenset[type] = frozenset({
+    fx.Mark, fx.Now, fx.Allocate, fx.Register, fx.ReadMem, fx.WriteMem, fx.RpcBind, fx.RpcServe,
+    fx.SubmitTransfer, fx.PollTransfer, fx.FreeBatch, fx.Spawn, fx.Memset, fx.EventRecord, fx.EventQuery,
+})
+
 
 class Simulation:
     def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None):
@@ -162,10 +171,18 @@ class Simulation:
     def _run_activity(self, r: SimRank, act: Act, gen: fx.Activity) -> SimGen:
         result: Any = None
         error: BaseException | None = None
+        # Waiters are re-checked (dirty) after this activity's effects, but only once per run of effects
+        # that complete without simulated time passing: nobody else runs in between, so re-checking before
+        # the activity suspends (or ends) sees the same state as re-checking after every effect.
+        pending_dirty = False
+        coalesce = not self.cal.effect_cpu_s
         while True:
             if not r.alive:
                 break
             if r.paused_until > self.env.now:
+                if pending_dirty:
+                    pending_dirty = False
+                    self.dirty(r.env.rank)
                 yield self.env.timeout(r.paused_until - self.env.now)
             try:
                 eff = gen.throw(error) if error is not None else gen.send(result)
@@ -177,6 +194,9 @@ class Simulation:
                 self._mark(r, act, fx.mark("error", text=str(exc), cause=exc.cause))
                 break
             error = None
+            if pending_dirty and type(eff) not in _INSTANT_EFFECTS:
+                pending_dirty = False
+                self.dirty(r.env.rank)
             act.current = eff
             act.since = t0 = self.env.now
             try:
@@ -190,6 +210,11 @@ class Simulation:
             if self.record_effects and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
             act.current = None
+            if coalesce:
+                pending_dirty = True
+            else:
+                self.dirty(r.env.rank)
+        if pending_dirty:
             self.dirty(r.env.rank)
         act.done = True
         assert act.finished is not None
@@ -379,20 +404,23 @@ class Simulation:
         env = self.env
         ctx = self._ctx(r)
         if isinstance(eff, fx.LoadKernel):
-            if eff.kernel in ctx.loaded:
-                return None
-            while ctx.running_kernels:
+            # cudaFuncGetAttributes: loads the module now; it needs the context's submitted work to drain
+            while eff.kernel not in ctx.loaded and not ctx.idle():
                 ev = env.event()
                 ctx.load_waiters.append(ev)
-                ctx.load_pending = ctx.load_pending or eff.kernel
-                yield ev
-            yield env.timeout(1e-3)
-            ctx.loaded.add(eff.kernel)
+                yield ev | env.timeout(1e-3)
+            if eff.kernel not in ctx.loaded:
+                yield env.timeout(MODULE_LOAD_S)
+                ctx.loaded.add(eff.kernel)
             return None
         if isinstance(eff, fx.Launch):
             op = kernels.launch_op(self, r, ctx, eff)
             ctx.enqueue(op)
-            yield env.timeout(6e-6)
+            yield env.timeout(KERNEL_LAUNCH_S)
+            if ctx.jit_loader and ctx.load_pending is not None and ctx.load_pending[0] == op.kernel:
+                ev = env.event()  # a JIT loader blocks the launching host thread until the module is loaded
+                ctx.load_waiters.append(ev)
+                yield ev
             return None
         if isinstance(eff, fx.Memcpy):
             op = kernels.memcpy_op(self, r, eff)
@@ -401,11 +429,12 @@ class Simulation:
                 assert op.done is not None
                 yield op.done
             else:
-                yield env.timeout(2e-6)
+                yield env.timeout(ASYNC_CALL_S)
             return None
         if isinstance(eff, fx.Memset):
             op = kernels.memset_op(self, r, eff)
             ctx.enqueue(op)
+            yield env.timeout(ASYNC_CALL_S)
             return None
         if isinstance(eff, fx.EventRecord):
             op = Op("event", eff.stream, 0.0, f"event on {eff.stream}")
@@ -473,7 +502,14 @@ class Simulation:
             self.spawn(r, "caller", rank_main(r.env), daemon=False)
         deadline = sc.deadlines.bootstrap_s + sc.deadlines.collective_s * max(1, len(sc.workload))
         self.env.process(self._monitor(sc.deadlines.stall_s, deadline))
-        self.env.run(until=self.stop)
+        # A run allocates millions of short-lived objects while its marks stay alive: collect the young
+        # generation less often (a large run spent a quarter of its time in the collector).
+        thresholds = gc.get_threshold()
+        gc.set_threshold(max(thresholds[0], GC_GEN0_THRESHOLD), max(thresholds[1], 50), max(thresholds[2], 100))
+        try:
+            self.env.run(until=self.stop)
+        finally:
+            gc.set_threshold(*thresholds)
         reason = str(self.stop.value)
         blocked = self.blocked() if reason != "completed" else []
         return RunResult(

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import simpy
 
-KERNEL_LAUNCH_S = 6e-6  # empty RawKernel launch on H100 (probe)
+KERNEL_LAUNCH_S = 3e-6  # host cost of a kernel launch call
+ASYNC_CALL_S = 2e-6  # host cost of an asynchronous memcpy/memset call
+START_LATENCY_S = 10e-6  # from a launch call until the work can start on the device
 MODULE_LOAD_S = 1e-3  # runtime-API module load when the context is idle
 DEVICE_BW = 1.5e12  # bytes/s for copies within a GPU (read+write ~3 TB/s)
 HOST_LINK_BW = 53e9  # pinned H2D/D2H (probe: 53-54 GB/s)
@@ -45,6 +47,9 @@ class Op:
     started: bool = False
     finished: bool = False
     start_t: float = 0.0
+    seq: int = 0
+    ready_t: float = 0.0
+    wake_set: bool = False
 
 
 @dataclass
@@ -63,8 +68,13 @@ class Context:
         self.loaded: set[str] = set()
         self.eager = eager
         self.jit_loader = jit_loader
-        self.load_pending: str | None = None
+        self.next_seq = 1
+        #: a cold kernel's module waiting to load: (kernel, barrier seq). Work submitted up to the barrier
+        #: runs on; everything submitted later is held until every op up to the barrier has finished.
+        self.load_pending: tuple[str, int] | None = None
+        self.loading = False
         self.load_waiters: list[simpy.Event] = []
+        self.unfinished: dict[int, Op] = {}
         self.running_kernels: set[Op] = set()
         self.spins: dict[tuple[int, int], Op] = {}  # (table rid, slot) -> resident spin op
         self.events: dict[int, Op] = {}
@@ -78,53 +88,73 @@ class Context:
             s = self.streams[name] = Stream(name)
         return s
 
+    def is_loaded(self, kernel: str) -> bool:
+        return kernel == "spin" or kernel in self.loaded or (self.eager and not self.jit_loader)
+
     def enqueue(self, op: Op) -> Op:
         op.done = self.env.event()
+        op.ready_t = self.env.now + START_LATENCY_S
+        op.seq = self.next_seq
+        self.next_seq += 1
+        self.unfinished[op.seq] = op
+        if op.kind == "kernel" and op.kernel and not self.is_loaded(op.kernel) and self.load_pending is None:
+            # the first launch of an unloaded kernel: its module must load, which needs the work submitted
+            # so far to drain; meanwhile no new device work starts on any stream of this context
+            self.load_pending = (op.kernel, op.seq - 1)
+            self.model.on_change(self.rank)
         self.stream(op.stream).queue.append(op)
+        self._try_load()
         self.schedule()
         return op
 
-    def is_loaded(self, kernel: str) -> bool:
-        return kernel in self.loaded or (self.eager and not self.jit_loader) or kernel == "spin"
+    def held(self, op: Op) -> bool:
+        return self.load_pending is not None and op.seq > self.load_pending[1]
 
     def schedule(self) -> None:
-        if self.load_pending is not None:
-            if self.running_kernels:
-                return  # the loader waits for an idle context; meanwhile nothing new starts
-            self._finish_load()
-            return
         for s in self.streams.values():
             if s.running is not None or not s.queue:
                 continue
             op = s.queue[0]
-            if op.kind in ("kernel",) and op.kernel and not self.is_loaded(op.kernel):
-                self.load_pending = op.kernel
-                self.model.on_change(self.rank)
-                if self.running_kernels:
-                    return
-                self._finish_load()
-                return
+            if self.held(op):
+                continue
+            if op.ready_t > self.env.now:
+                if not op.wake_set:
+                    op.wake_set = True
+                    t = self.env.timeout(op.ready_t - self.env.now)
+                    t.callbacks.append(lambda _e: self.schedule())
+                continue
+            if op.kind == "kernel" and op.kernel and not self.is_loaded(op.kernel):
+                continue  # its load is still to come (another module is loading first)
             s.queue.popleft()
             s.running = op
             self._start(op)
 
-    def _finish_load(self) -> None:
-        kernel = self.load_pending
-        assert kernel is not None
+    def _try_load(self) -> None:
+        if self.load_pending is None or self.loading:
+            return
+        kernel, barrier = self.load_pending
+        if any(seq <= barrier for seq in self.unfinished):
+            return
+        self.loading = True
         load = self.env.timeout(MODULE_LOAD_S)
 
         def done(_e: simpy.Event) -> None:
             self.loaded.add(kernel)
-            if self.load_pending == kernel:
-                self.load_pending = None
+            self.load_pending = None
+            self.loading = False
             for w in self.load_waiters:
                 if not w.triggered:
                     w.succeed()
             self.load_waiters.clear()
+            # the next cold kernel already queued starts its own load
+            for op in sorted(self.unfinished.values(), key=lambda o: o.seq):
+                if not op.started and op.kind == "kernel" and op.kernel and not self.is_loaded(op.kernel):
+                    self.load_pending = (op.kernel, op.seq - 1)
+                    break
             self.model.on_change(self.rank)
+            self._try_load()
             self.schedule()
 
-        self.load_pending = kernel + "#loading"
         load.callbacks.append(done)
 
     def _start(self, op: Op) -> None:
@@ -143,6 +173,7 @@ class Context:
         if op.finished:
             return
         op.finished = True
+        self.unfinished.pop(op.seq, None)
         self.running_kernels.discard(op)
         s = self.streams[op.stream]
         if s.running is op:
@@ -152,6 +183,7 @@ class Context:
         assert op.done is not None
         op.done.succeed()
         self.model.on_change(self.rank)
+        self._try_load()
         self.schedule()
 
     # ------------------------------------------------------------ spin kernel
@@ -162,27 +194,27 @@ class Context:
             self._finish(op)
 
     def idle(self) -> bool:
-        return not self.running_kernels and all(s.running is None and not s.queue for s in self.streams.values())
+        return not self.unfinished
 
     # ------------------------------------------------------------ hang reports
 
     def holds(self) -> list[tuple[str, str]]:
         """(what is held, resource) pairs for a hang dump."""
         out = []
-        queued = [op for s in self.streams.values() for op in s.queue]
         if self.load_pending is not None:
-            kernel = self.load_pending.split("#")[0]
-            resident = ", ".join(sorted(o.desc for o in self.running_kernels)) or "none"
-            for op in queued or [None]:
-                what = op.desc if op is not None else "module load"
-                out.append((f"{what} held: module load of {kernel} waits for resident kernels ({resident})",
-                            f"module-load:{kernel}"))
-        else:
-            for s in self.streams.values():
-                if s.running is not None and s.running.kind == "spin" and s.queue:
-                    for op in s.queue:
-                        res = "legacy-stream" if s.name == "legacy" else f"stream:{s.name}"
-                        out.append((f"{op.desc} queued behind resident spin kernel on stream {s.name}", res))
+            kernel, barrier = self.load_pending
+            ahead = [o.desc for o in sorted(self.unfinished.values(), key=lambda o: o.seq) if o.seq <= barrier]
+            waiting_for = ", ".join(ahead[:3]) + (" ..." if len(ahead) > 3 else "") or "nothing"
+            held = [o for o in sorted(self.unfinished.values(), key=lambda o: o.seq) if o.seq > barrier and not o.started]
+            for op in held[:8]:
+                out.append((f"{op.desc} held: the module load of {kernel} waits for earlier work to drain "
+                            f"({waiting_for})", f"module-load:{kernel}"))
+            return out
+        for s in self.streams.values():
+            if s.running is not None and s.running.kind == "spin" and s.queue:
+                for op in list(s.queue)[:8]:
+                    res = "legacy-stream" if s.name == "legacy" and op.kind == "memcpy" and "engine" in op.desc else f"stream:{s.name}"
+                    out.append((f"{op.desc} queued behind the resident spin kernel on stream {s.name}", res))
         return out
 
 

@@ -55,7 +55,10 @@ def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
             return
         src = r.regions[args.src_rid]
         slices = [src.read(args.src_offset + j * args.stride, nbytes) for j in range(args.nranks)]
-        r.regions[args.dst_rid].write(args.dst_offset, combine(dtype, rop, slices, args.active))
+        active: tuple[bool, ...] | list[bool] = args.active
+        if args.active_rid is not None:
+            active = [x != 0 for x in r.regions[args.active_rid].read(0, args.nranks)]
+        r.regions[args.dst_rid].write(args.dst_offset, combine(dtype, rop, slices, active))
 
     op.on_done = done
     return op

@@ -35,6 +35,13 @@ class SimRegion:
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.region.size:
             raise IndexError(f"read [{offset}, {offset + length}) outside region {self.region.name} of {self.region.size} bytes")
+        idx, off = divmod(offset, PAGE)
+        if off + length <= PAGE:  # fast path: within one page (flags, counters)
+            page = self.pages.get(idx)
+            if page is not None:
+                return bytes(page[off:off + length])
+            if self.zero:
+                return bytes(length)
         out = bytearray()
         pos = offset
         end = offset + length

@@ -192,6 +192,16 @@ def _ranks(ranks: Sequence[int]) -> str:
     return ", ".join(map(str, ranks))
 
 
+def _one_way_caught_at_warmup(f: Facts) -> tuple[str, str] | None:
+    for m in f.named("transfer_failed"):
+        d = m["data"]
+        if d.get("reason") == "blocked-direction" and d.get("phase") != "collective":
+            return "one-way-warmup", (f"rank {m['rank']}'s warmup WRITE to rank {d.get('dst_rank')} fails: that "
+                                      "direction of the pair is broken; warming up both directions caught it at "
+                                      "bootstrap instead of in the first collective")
+    return None
+
+
 def _ping_false_positive(f: Facts) -> tuple[str, str] | None:
     for m in f.named("peer_marked_broken"):
         d = m["data"]
@@ -239,8 +249,9 @@ RULES: tuple[Rule, ...] = (
     _host_region_gpu_label,
     _duplicate_machine_id,
     _mark_rule("unwarmed_direction", "one-way-warmup",
-               lambda m: f"rank {m['rank']}'s first WRITE to rank {m['data'].get('peer')} uses the direction "
-               "the warmup never proved, and it fails"),
+               lambda m: f"rank {m['rank']}'s first WRITE to rank {m['data'].get('peer')} in the collective uses "
+               f"the direction the warmup never proved, and it fails ({m['data'].get('reason')})"),
+    _one_way_caught_at_warmup,
     _unreachable_segment,
     _ping_false_positive,
     _uninitialized_sync_flag,

@@ -15,6 +15,7 @@ every port draw.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import dataclass, field
@@ -32,16 +33,21 @@ TE_PORT_MIN = 15000
 TE_PORT_MAX = 17000
 TE_BIND_ATTEMPTS = 500
 RPC_TIMEOUT_S = 1.0
+#: Creating the local QPs of a new RDMA endpoint before the handshake RPC goes out (ibv_create_qp and the
+#: state changes take milliseconds); the endpoint is CONNECTING for that whole time.
+QP_CREATE_S = 2e-3
 
 
 @dataclass(frozen=True)
 class BufferDesc:
-    """One registered buffer as peers see it in the segment descriptor."""
+    """One registered buffer as peers see it in the segment descriptor (``nic``: the owner's RDMA NIC for
+    the buffer's location, "" without one)."""
 
     addr: int
     size: int
     label: str
     offered: tuple[str, ...]
+    nic: str = ""
 
 
 @dataclass(frozen=True)
@@ -58,16 +64,20 @@ class SegmentDesc:
     def to_bytes(self) -> bytes:
         return json.dumps({
             "owner": self.owner, "name": self.name, "machine_id": self.machine_id, "boot_id": self.boot_id,
-            "buffers": [[b.addr, b.size, b.label, list(b.offered)] for b in self.buffers],
+            "buffers": [[b.addr, b.size, b.label, list(b.offered), b.nic] for b in self.buffers],
         }, separators=(",", ":")).encode()
 
     @staticmethod
     def from_bytes(data: bytes) -> SegmentDesc:
+        return _desc_from_bytes(data)
+
+    @staticmethod
+    def _decode(data: bytes) -> SegmentDesc:
         d = json.loads(data.decode())
         return SegmentDesc(
             owner=int(d["owner"]), name=str(d["name"]), machine_id=str(d["machine_id"]),
             boot_id=str(d["boot_id"]),
-            buffers=tuple(BufferDesc(int(a), int(s), str(lab), tuple(o)) for a, s, lab, o in d["buffers"]),
+            buffers=tuple(BufferDesc(int(a), int(s), str(lab), tuple(o), str(n)) for a, s, lab, o, n in d["buffers"]),
         )
 
     def find(self, addr: int, length: int) -> BufferDesc | None:
@@ -75,6 +85,12 @@ class SegmentDesc:
             if b.addr <= addr and addr + length <= b.addr + b.size:
                 return b
         return None
+
+
+@functools.lru_cache(maxsize=8192)
+def _desc_from_bytes(data: bytes) -> SegmentDesc:
+    """Decoding is pure and the result immutable, so peers fetching one descriptor share the parse."""
+    return SegmentDesc._decode(data)
 
 
 @dataclass
@@ -91,6 +107,8 @@ class Request:
     driver: tuple[int, int] | None = None  # (driver batch, index)
     final: str | None = None  # "completed" or "failed:<reason>" once settled
     reported: bool = False  # an anomaly mark was emitted for it
+    crossed: bool = False  # its RDMA endpoint's QPs are crossed: every WRITE on it fails
+    awaiting: bool = False  # waiting for its RDMA endpoint's handshake
 
 
 @dataclass
@@ -114,6 +132,13 @@ class Engine:
     next_rid: int = 1
     handlers: dict[str, Any] = field(default_factory=dict)
     announced: set[tuple[int, str, str]] = field(default_factory=set)
+    #: RDMA endpoints by (local NIC, peer rank, peer NIC): "connecting" | "connected" | "crossed"
+    endpoints: dict[tuple[str, int, str], str] = field(default_factory=dict)
+    labels: dict[int, str] = field(default_factory=dict)  # rid -> registered label
+    #: peers to which a WRITE of ours completed during warmup (the directions warmup proved)
+    warmed: set[int] = field(default_factory=set)
+    phase: str = "bootstrap"
+    _desc_bytes: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"mooncake:{self.env.seed}:{self.env.rank}")
@@ -143,10 +168,31 @@ class Engine:
     def handle_rpc(self, method: str, payload: bytes) -> bytes:
         """The RPC server's dispatch by function id: GetSegmentDesc, Handshake (TE), Notify (ping)."""
         if method in ("GetSegmentDesc", "Handshake"):
-            return self.local_desc().to_bytes()
+            key = (self.server_name, len(self.buffers))  # buffers are only ever appended
+            if self._desc_bytes is None or self._desc_bytes[0] != key:
+                self._desc_bytes = (key, self.local_desc().to_bytes())
+            return self._desc_bytes[1]
         if method == "Notify":
             return b"ok"
+        if method == "BootstrapRdma":
+            return self._passive_endpoint(payload)
         return b"error:unknown-method"
+
+    def _passive_endpoint(self, payload: bytes) -> bytes:
+        """The passive side of an RDMA endpoint handshake (``setupConnectionsByPassive``)."""
+        d = json.loads(payload.decode())
+        key = (str(d["peer_nic"]), int(d["from"]), str(d["local_nic"]))
+        state = self.endpoints.get(key)
+        if state == "connecting":
+            if self.env.policy.rdma_connecting_state:
+                return b"reuse"  # #1733: the in-flight handshake is reused
+            # before #1733: the half-built endpoint is deleted and a new one made: the QPs end up crossed
+            self.endpoints[key] = "crossed"
+            return b"crossed"
+        if state == "crossed":
+            return b"crossed"
+        self.endpoints[key] = "connected"
+        return b"ok"
 
     # ------------------------------------------------------------------ init
 
@@ -235,7 +281,9 @@ class Engine:
             offered = tuple(t for t in self.transports if tp.tent_offers(t, label, res.ipc_handle, res.fabric_handle))
         else:
             offered = self.transports
-        self.buffers.append(BufferDesc(region.addr, region.size, label, offered))
+        self.labels[region.rid] = label
+        nic = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
+        self.buffers.append(BufferDesc(region.addr, region.size, label, offered, nic))
         yield mark("registered", region=region.name, label=label, kind=region.kind, offered=list(offered))
 
     # ------------------------------------------------------------------ segments
@@ -303,7 +351,59 @@ class Engine:
         self.batches[bid] = EngineBatch(reqs)
         return bid
 
+    def _endpoint_key(self, r: Request) -> tuple[str, int, str] | None:
+        assert r.seg is not None
+        if r.transport != "rdma" or r.seg.owner == self.env.rank:
+            return None
+        label = self.labels.get(r.src.rid, self.env.location)
+        local = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
+        buf = r.seg.find(r.dst_addr, r.length)
+        return (local, r.seg.owner, buf.nic if buf else "")
+
+    def _handshake(self, key: tuple[str, int, str], target: str) -> Activity:
+        """The active side of an RDMA endpoint handshake (``setupConnectionsByActive``), run by the engine's
+        transfer thread, not by whoever submitted: create the local QPs, then ask the peer."""
+        yield fx.Sleep(QP_CREATE_S)
+        payload = json.dumps({"from": self.env.rank, "local_nic": key[0], "peer_nic": key[2]}).encode()
+        reply = yield fx.RpcCall(target, "BootstrapRdma", payload, RPC_TIMEOUT_S)
+        if self.endpoints.get(key) == "crossed" or (reply.ok and reply.payload == b"crossed"):
+            self.endpoints[key] = "crossed"
+            yield mark("crossed_endpoints", peer=key[1], local_nic=key[0], peer_nic=key[2])
+        elif reply.ok:
+            self.endpoints[key] = "connected"
+        else:
+            self.endpoints[key] = "failed"
+
+    def endpoint_state(self, r: Request) -> str | None:
+        """None when the request needs no RDMA endpoint, else the endpoint's state."""
+        if r.seg is None:
+            return None
+        key = self._endpoint_key(r)
+        return None if key is None else self.endpoints.get(key, "new")
+
     def _dispatch(self, reqs: list[Request]) -> Activity:
+        if not reqs:
+            return
+        usable = []
+        for r in reqs:
+            key = self._endpoint_key(r)
+            if key is not None:
+                state = self.endpoints.get(key)
+                if state is None:
+                    assert r.seg is not None
+                    self.endpoints[key] = "connecting"
+                    yield fx.Spawn("rdma-handshake", self._handshake(key, r.seg.name), daemon=True)
+                    state = "connecting"
+                if state in ("connecting", "failed"):
+                    r.driver = None
+                    r.awaiting = True  # posted once the endpoint is up
+                    continue
+                if state == "crossed":
+                    r.driver = None
+                    r.crossed = True
+                    continue
+            usable.append(r)
+        reqs = usable
         if not reqs:
             return
         writes = []
@@ -341,6 +441,36 @@ class Engine:
             if r.final is not None:
                 out.append(r.final)
                 continue
+            if r.driver is None and r.awaiting:
+                state = self.endpoint_state(r)
+                if state == "connecting":
+                    out.append("pending")
+                    continue
+                r.awaiting = False
+                if state == "connected":
+                    redo.append(r)
+                    out.append("pending")
+                    continue
+                if state == "crossed":
+                    r.crossed = True
+                else:
+                    r.final = "failed:no-path"
+                    out.append(r.final)
+                    continue
+            if r.driver is None and r.crossed:
+                st_crossed = "failed:crossed-qp"
+                r.crossed = False
+                if self.kind == "tent" and r.seg is not None:
+                    buf = r.seg.find(r.dst_addr, r.length)
+                    if buf is not None and len(buf.offered) > 1:
+                        self._choose(r)
+                        if r.transport is not None:
+                            redo.append(r)
+                        out.append("pending")
+                        continue
+                r.final = st_crossed
+                out.append(r.final)
+                continue
             if r.driver is None:  # UNSPEC
                 if r.seg is None:
                     r.final = "failed:no-segment"
@@ -370,7 +500,9 @@ class Engine:
                     r.reported = True
                     yield mark("transfer_failed", dst_rank=r.dst_rank, owner=r.seg.owner if r.seg else None,
                                transport=r.transport, reason=st.split(":", 1)[-1],
-                               label=buf.label if buf else None, src_kind=r.src.kind)
+                               label=buf.label if buf else None, src_kind=r.src.kind, phase=self.phase)
+                    if self.phase == "collective" and r.dst_rank not in self.warmed and r.dst_rank != self.env.rank:
+                        yield mark("unwarmed_direction", peer=r.dst_rank, reason=st.split(":", 1)[-1])
                 if self.kind == "tent" and buf is not None and len(buf.offered) > 1:
                     self._choose(r)
                     if r.transport is not None:

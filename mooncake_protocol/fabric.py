@@ -22,6 +22,8 @@ FAILURE_REASONS = (
     "no-fabric-handle",  # MNNVL target not cuMemCreate memory with a fabric handle
     "no-path",  # the topology has no path for this transport (no NIC, no GPUDirect, no IMEX, ...)
     "peer-dead",  # the owner process is gone
+    "blocked-direction",  # fault block_direction: this direction of the pair carries nothing
+    "crossed-qp",  # an RDMA endpoint whose QPs were crossed by a simultaneous open
 )
 
 

@@ -197,6 +197,7 @@ def poll_peer(b: Backend, peer: int, now: float) -> Activity:
                 yield from _set(b, peer, E.WARMUP_PENDING)
                 return
             conn.own_write_done = True
+            engine.warmed.add(peer)
             yield from engine.free(conn.warmup_batch)
         if not conn.flag_seen:
             flag = yield fx.ReadMem(b.regions["warmup_recv"].rid, peer * 4, 4)
@@ -251,6 +252,10 @@ def poller(process: object) -> Activity:
         for b in list(process.backends):
             for peer in range(b.env.size):
                 if peer == b.env.rank:
+                    continue
+                conn = b.peers[peer]
+                if conn.state is PeerState.WAITING_STORE and now - conn.last_check_s < conn.backoff_s:
+                    connecting = True  # poll_peer would return at once (back-off not elapsed)
                     continue
                 yield from poll_peer(b, peer, now)
                 if b.peers[peer].state is not PeerState.CONNECTED:

@@ -18,6 +18,7 @@ def rank_main(env: RankEnv) -> Activity:
     for g in range(max(1, env.concurrent_groups)):
         b = yield from construct(proc, group=g)
         groups.append(b)
+    proc.engine.phase = "collective"
     yield mark("phase", phase="collective")
     if env.workload:
         from .collectives import run_workload

@@ -51,6 +51,9 @@ class RankEnv:
     faults: tuple[Any, ...] = ()
     data_values: bool = True
     concurrent_groups: int = 1
+    #: the RDMA NIC this rank's engine uses for memory under each location label (TENT: first NIC of the best
+    #: non-empty tier; TE: first preferred)
+    nic_for_label: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def fault(self, kind: str) -> Any | None:
@@ -93,6 +96,17 @@ def make_rank_envs(scenario: Any, address_of: Callable[[str], str] | None = None
         cuda_platform = bool(host_gpus)
         rdma = [n for n in topo.nics(t, p.host) if n.type == "rdma"]
         faults = tuple(f for f in scenario.faults if _fault_rank(f) in (None, p.rank))
+        labels = {"*", f"cpu:{p.numa}"} | ({f"cuda:{p.gpu}"} if p.gpu is not None and cuda_platform else set())
+        nic_for_label = {}
+        for label in sorted(labels):
+            if scenario.engine == "te":
+                pref, avail = topo.te_nic_preference(t, p.host, label)
+                order = pref + avail
+            else:
+                t0, t1, t2 = topo.nic_tiers(t, p.host, label)
+                order = t0 or t1 or t2
+            if order:
+                nic_for_label[label] = order[0]
         envs.append(RankEnv(
             rank=p.rank,
             size=size,
@@ -119,5 +133,6 @@ def make_rank_envs(scenario: Any, address_of: Callable[[str], str] | None = None
             faults=faults,
             data_values=getattr(scenario, "data", "values") == "values",
             concurrent_groups=concurrent,
+            nic_for_label=nic_for_label,
         ))
     return envs

@@ -89,7 +89,7 @@ FAULT_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "delay_store": (("seconds",), ()),
     "slow_peer": (("rank", "seconds"), ()),
     "concurrent_groups": (("count",), ()),
-    "simultaneous_open": (("ranks",), ()),
+    "block_direction": (("ranks",), ()),
 }
 
 _TOP_KEYS = ("name", "description", "topology", "ranks", "placement", "ranks_per_host", "backend", "engine",
@@ -136,7 +136,7 @@ class Fault:
 
     hold_port: host, port | skip_publish: rank | extra_backend: rank, count | advertise_host: rank, address |
     close_port: rank | kill_rank: rank, at | pause_rank: rank, at, seconds | delay_store: seconds |
-    slow_peer: rank, seconds | concurrent_groups: count | simultaneous_open: ranks (a pair)
+    slow_peer: rank, seconds | concurrent_groups: count | block_direction: ranks (a pair: WRITEs a -> b fail)
     """
 
     kind: str

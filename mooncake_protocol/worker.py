@@ -199,6 +199,8 @@ class Worker:
                     break
                 r = batch.reqs[idx]
                 st = r.final
+                if st is None and r.driver is None and (r.crossed or (r.awaiting and engine.endpoint_state(r) != "connecting")):
+                    return True  # the endpoint handshake ended: the engine can post or fail it
                 if st is None:
                     st = "pending" if r.driver is None else reader.status(r.driver[0])[r.driver[1]]
                 if st.startswith("failed"):

@@ -138,6 +138,9 @@ class TransferModel:
         owner = sim.ranks[w.dst_owner]
         if not owner.alive:
             return 0.0, "peer-dead", b"", (), None
+        for f in r.env.faults:
+            if f.kind == "block_direction" and tuple(f.ranks) == (r.env.rank, w.dst_owner):
+                return 0.0, "blocked-direction", b"", (), None
         dst = owner.regions.get(parts.rid)
         target = None
         if dst is not None and dst.label is not None and dst.region.contains(w.dst_addr, w.length):

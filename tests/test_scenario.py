@@ -106,7 +106,7 @@ faults:
   - {kind: hold_port, host: node0, port: 15001}
   - {kind: extra_backend, rank: 1}
   - {kind: pause_rank, rank: 2, at: warmup, seconds: 0.5}
-  - {kind: simultaneous_open, ranks: [0, 3]}
+  - {kind: block_direction, ranks: [0, 3]}
   - {kind: concurrent_groups, count: 2}
 data: sizes
 deadlines: {bootstrap_s: 5}
@@ -121,7 +121,7 @@ expect: {verdict: hang, phase: bootstrap, cause: rpc-port-conflict, active_ranks
     assert s.tent.transports.shm and s.tent.transports.mnnvl and s.tent.rpc_server_port == 16000
     assert s.faults[1].count == 1
     assert s.faults_of("pause_rank")[0].seconds == 0.5
-    assert s.faults_of("simultaneous_open")[0].ranks == (0, 3)
+    assert s.faults_of("block_direction")[0].ranks == (0, 3)
     assert s.data == "sizes" and s.deadlines.bootstrap_s == 5 and s.deadlines.collective_s == 60 and s.seed == 7
     assert s.expect is not None and s.expect.cause == "rpc-port-conflict" and s.expect.active_ranks == (0, 1)
 

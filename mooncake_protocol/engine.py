@@ -374,6 +374,25 @@ class Engine:
         else:
             self.endpoints[key] = "failed"
 
+    def batch_settled(self, reader: fx.MemoryReader, bid: int) -> bool:
+        """Whether polling batch ``bid`` now would find something new for every request (a predicate for
+        :class:`~mooncake_protocol.effects.WaitUntil`: read-only)."""
+        batch = self.batches.get(bid)
+        if batch is None:
+            return True
+        for r in batch.reqs:
+            if r.final is not None or r.crossed:
+                continue
+            if r.driver is None:
+                if r.awaiting and self.endpoint_state(r) != "connecting":
+                    continue
+                if r.seg is None:
+                    continue
+                return False  # UNSPEC: stays pending
+            if reader.status(r.driver[0])[r.driver[1]] == "pending":
+                return False
+        return True
+
     def endpoint_state(self, r: Request) -> str | None:
         """None when the request needs no RDMA endpoint, else the endpoint's state."""
         if r.seg is None:

@@ -84,7 +84,7 @@ FAULT_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "extra_backend": (("rank",), ("count",)),
     "advertise_host": (("rank", "address"), ()),
     "close_port": (("rank",), ()),
-    "kill_rank": (("rank", "at"), ()),
+    "kill_rank": (("rank", "at"), ("seconds",)),
     "pause_rank": (("rank", "at", "seconds"), ()),
     "delay_store": (("seconds",), ()),
     "slow_peer": (("rank", "seconds"), ()),

@@ -249,7 +249,12 @@ class Simulation:
             if getattr(f, "rank", None) != r.env.rank or getattr(f, "at", None) != phase:
                 continue
             if f.kind == "kill_rank":
-                self.kill(r)
+                delay = float(getattr(f, "seconds", None) or 0.0)
+                if delay:
+                    t = self.env.timeout(delay)
+                    t.callbacks.append(lambda _e, r=r: self.kill(r))
+                else:
+                    self.kill(r)
             elif f.kind == "pause_rank":
                 r.paused_until = self.env.now + float(f.seconds)
 

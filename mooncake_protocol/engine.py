@@ -431,9 +431,9 @@ class Engine:
             buf = r.seg.find(r.dst_addr, r.length)
             kind = tp.capability("gpu" if r.src.kind == "device" else "dram",
                                  tp.memory_type_of_label(buf.label) if buf else "dram")
-            key = (r.dst_rank, r.transport, kind)
-            if key not in self.announced:
-                self.announced.add(key)
+            seen = (r.dst_rank, r.transport, kind)
+            if seen not in self.announced:
+                self.announced.add(seen)
                 yield mark("transport", peer=r.dst_rank, transport=r.transport, kind=kind)
             writes.append(fx.WriteReq(r.transport, r.src.rid, r.src_offset, r.length, r.seg.owner,
                                       r.seg.name, r.dst_addr, r.dst_rank))

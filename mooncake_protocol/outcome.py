@@ -104,7 +104,7 @@ def _phase_times(rec: RunRecord) -> dict[str, float]:
     for i, ph in enumerate(PHASES[:-1]):
         nxt = PHASES[i + 1]
         spans = []
-        for rank, times in rec.phase_times.items():
+        for times in rec.phase_times.values():
             if ph in times:
                 end = times.get(nxt, rec.sim_time_s)
                 spans.append(max(0.0, end - times[ph]))
@@ -207,11 +207,11 @@ def evaluate(rec: RunRecord, scenario: Any) -> Outcome:
     if exp.verdict == "completed" and exp.cause is None:
         mismatches.extend(problems)
     if exp.active_ranks is not None:
-        for key, per_rank in results.items():
+        for rkey, per_rank in results.items():
             for r, v in per_rank.items():
                 act = v.get("active")
                 if act is not None and [i for i, x in enumerate(act) if x] != list(exp.active_ranks):
-                    mismatches.append(f"collective {key}: rank {r} active ranks {act}, expected {list(exp.active_ranks)}")
+                    mismatches.append(f"collective {rkey}: rank {r} active ranks {act}, expected {list(exp.active_ranks)}")
                     break
     return Outcome(
         scenario=scenario.name, mode=rec.mode, verdict=verdict, cause=cause, phase=phase,

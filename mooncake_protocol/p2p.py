@@ -191,7 +191,7 @@ class P2PProxy:
             if st != "completed":
                 yield from self._fail(peer, st, "tail WRITE")
                 # the proxy thread's exception: this lane makes no further progress
-                ok = yield fx.WaitUntil(lambda _r, lane=lane: lane.failed, 1e-3,
+                yield fx.WaitUntil(_lane_failed(lane), 1e-3,
                                         f"P2P recv from rank {peer}: the lane after a failed WRITE", None,
                                         lambda: (f"rank:{peer}",))
                 break
@@ -204,6 +204,10 @@ class P2PProxy:
                                 cause="p2p-lane-reset")
         return
         yield
+
+
+def _lane_failed(lane: Lane) -> fx.Predicate:
+    return lambda _r: lane.failed
 
 
 def run_send_recv(b: Backend, spec: Any, index: int) -> Activity:

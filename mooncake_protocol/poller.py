@@ -173,6 +173,7 @@ def poll_peer(b: Backend, peer: int, now: float) -> Activity:
             return
         if peer <= me or policy.bidirectional_warmup:
             info = b.segment_infos[peer]
+            assert info is not None
             req = Request(seg, peer, info.warmup_recv + me * 4, b.regions["warmup_send"], 0, 4)
             conn.warmup_batch = yield from engine.submit([req])
             conn.own_write_done = False

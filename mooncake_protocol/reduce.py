@@ -71,7 +71,7 @@ def combine(dtype: str, op: str, slices: Sequence[bytes], active: Sequence[bool]
     With no active rank the result is zeros (the output was memset to 0 before the kernel).
     """
     acc: np.ndarray | None = None
-    for data, on in zip(slices, active):
+    for data, on in zip(slices, active, strict=False):
         if not on:
             continue
         x = to_numpy(dtype, data)

@@ -24,13 +24,14 @@ from .driver import Calibration, simulate
 
 FLAGSHIP = "nvl72-first-collective"
 
-#: The flagship's ladder: legacy-1755, then each #1755 fix switched on in turn, then fixed.
-FLAGSHIP_STEPS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("legacy-1755", {}),
-    ("legacy-1755", {"check_rpc_bind": True}),
-    ("legacy-1755", {"check_rpc_bind": True, "host_region_wildcard_label": True}),
-    ("legacy-1755", {"check_rpc_bind": True, "host_region_wildcard_label": True, "preload_reduce_kernels": True}),
-    ("fixed", {}),
+#: The flagship's ladder: legacy-1755, then the #1755 fixes switched on one at a time, then fixed.
+FLAGSHIP_STEPS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("legacy-1755", "legacy-1755", {}),
+    ("+ RPC bind checked", "legacy-1755", {"check_rpc_bind": True}),
+    ("+ host regions \"*\"", "legacy-1755", {"check_rpc_bind": True, "host_region_wildcard_label": True}),
+    ("+ reduce kernels preloaded", "legacy-1755",
+     {"check_rpc_bind": True, "host_region_wildcard_label": True, "preload_reduce_kernels": True}),
+    ("fixed (+ task ids reset, sync flags zeroed)", "fixed", {}),
 )
 
 
@@ -84,19 +85,22 @@ def _flagship(args: argparse.Namespace, calibration: Calibration | None) -> int:
     if args.seed is not None:
         base = dataclasses.replace(base, seed=args.seed)
     outcomes = []
-    for preset, overrides in FLAGSHIP_STEPS:
+    labels = []
+    for label, preset, overrides in FLAGSHIP_STEPS:
         sc = with_policy(base, preset, overrides)
         if not args.json:
-            print(f"... simulating {base.name} under {sc.policy_name}", file=sys.stderr, flush=True)
+            print(f"... simulating {base.name} ({base.ranks} ranks) under {label}", file=sys.stderr, flush=True)
         outcomes.append(run_one(sc, calibration=calibration))
+        labels.append(label)
     if args.json:
-        print(json.dumps({"flagship": base.name, "runs": [o.to_json() for o in outcomes]}, indent=None))
+        print(json.dumps({"flagship": base.name,
+                          "runs": [dict(o.to_json(), step=label) for label, o in zip(labels, outcomes, strict=True)]}))
     else:
         print(f"{base.name}: {base.description.strip()}\n")
-        w = max(len(o.policy) for o in outcomes)
+        w = max(len(label) for label in labels)
         print(f"{'policy':<{w}}  {'verdict':<9} {'cause':<28} {'phase':<10} {'sim time':>10}  wall")
-        for o in outcomes:
-            print(f"{o.policy:<{w}}  {o.verdict:<9} {str(o.cause or '-'):<28} {o.phase:<10} {o.sim_time_s:>9.4f}s  {o.wall_s:.1f}s")
+        for label, o in zip(labels, outcomes, strict=True):
+            print(f"{label:<{w}}  {o.verdict:<9} {str(o.cause or '-'):<28} {o.phase:<10} {o.sim_time_s:>9.4f}s  {o.wall_s:.1f}s")
         print()
         for o in (outcomes[0], outcomes[-1]):
             print(format_summary(o, max_blocked=6))

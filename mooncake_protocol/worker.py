@@ -151,6 +151,7 @@ class Worker:
         for k in all_reduce_kernels():
             yield fx.LoadKernel(k)
             self.proc.loaded_kernels.add(k)
+            yield mark("kernel_preloaded", kernel=k)  # progress: a real module load takes tens of ms
         yield mark("kernels_preloaded", count=len(all_reduce_kernels()))
 
     # ------------------------------------------------------------------ helpers

@@ -124,7 +124,37 @@ def gpu_facts(numa_count: int = 1, sys_root: Path = SYS) -> dict[str, Any]:
             "peer": peer, "pci": pcis}
 
 
+def nvlink_pairs_from_smi(text: str) -> set[tuple[int, int]]:
+    """GPU pairs joined by NVLink in ``nvidia-smi topo -m`` output (cells ``NV<k>``)."""
+    pairs: set[tuple[int, int]] = set()
+    for line in text.splitlines():
+        m = re.match(r"\s*GPU(\d+)\s+(.*)", line)
+        if not m:
+            continue
+        i = int(m.group(1))
+        for j, cell in enumerate(m.group(2).split()):
+            if re.fullmatch(r"NV\d+", cell) and i != j:
+                pairs.add((min(i, j), max(i, j)))
+    return pairs
+
+
+def _nvlink_from_smi() -> set[tuple[int, int]] | None:
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return nvlink_pairs_from_smi(out.stdout) if out.returncode == 0 else None
+
+
 def _nvlink_active(n: int) -> bool:
+    smi = _nvlink_from_smi()
+    if smi:
+        return True
     try:
         import pynvml  # optional
 
@@ -162,7 +192,12 @@ def discover(sys_root: Path = SYS, hostname: str | None = None, with_gpus: bool 
         body["gpus"] = {"count": g["count"], "model": g["model"], "memory_gib": g["memory_gib"],
                         "numa": g["numa"], "fabric": g["fabric"]}
         pairs = [[i, j] for i in range(g["count"]) for j in range(i + 1, g["count"]) if g["peer"][i][j] and g["peer"][j][i]]
-        if pairs and _nvlink_active(g["count"]):
+        smi = _nvlink_from_smi() if pairs else None
+        if smi:
+            nv = [p for p in pairs if (p[0], p[1]) in smi]  # peer access over NVLink, as nvidia-smi reports it
+            if nv:
+                body["nvlink"] = {"pairs": nv}
+        elif pairs and _nvlink_active(g["count"]):
             body["nvlink"] = {"pairs": pairs}
         comments.append("CUDA peer access (row can access column): "
                         + "; ".join(f"gpu{i}: " + "".join("1" if x else "0" for x in row) for i, row in enumerate(g["peer"])))

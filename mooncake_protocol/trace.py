@@ -82,14 +82,19 @@ def effect_record(rank: int, activity: str, t0: float, t1: float, effect: fx.Eff
     }
 
 
+_PRIMITIVE = (type(None), bool, int, float, str)
+
+
 def mark_record(rank: int, activity: str, t: float, mark: fx.Mark) -> dict[str, Any]:
+    # same result as _jsonable(dict(mark.data)), without recursing into primitive values (a hot path)
+    data = {str(k): v if type(v) in _PRIMITIVE else _jsonable(v, 1) for k, v in mark.data}
     return {
         "type": "mark",
         "rank": rank,
         "activity": activity,
         "t": round(t, 9),
         "name": mark.name,
-        "data": _jsonable(dict(mark.data)),
+        "data": data,
     }
 
 

@@ -16,7 +16,7 @@ from .effects import Activity, mark
 from .engine import Engine, SegmentDesc
 from .errors import ProtocolError
 from .poller import PeerConnection, PeerState, buffer_key, poller, server_name_key
-from .rankenv import BUFFER_SIZE, P2P_BUFFER_SIZE, RankEnv
+from .rankenv import BUFFER_SIZE, RankEnv
 
 SYNC_SLOTS = 64  # kMaxNumRanks int32 flags per sync region
 SYNC_BYTES = SYNC_SLOTS * 4

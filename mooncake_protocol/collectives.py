@@ -42,6 +42,9 @@ SLICED_INPUT = (Op.ALLTOALL, Op.REDUCE_SCATTER, Op.SCATTER)
 #: Ops whose output holds one slice per rank.
 SLICED_OUTPUT = (Op.ALLGATHER, Op.GATHER, Op.ALLTOALL)
 FULL_OUTPUT_LIMIT = 256
+#: Host time between two concurrent groups' collectives issued by one thread (copy, spin kernel and
+#: buffer-to-tensor enqueue calls of the first), so their spin kernels start microseconds apart, not at once.
+GROUP_ISSUE_GAP_S = 20e-6
 
 
 def chunk_bytes(size: int) -> int:
@@ -138,7 +141,6 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
     chunk = chunk_bytes(env.size)
     nchunks = max(1, -(-t.slice_bytes // chunk))
     stream = spin_stream(b)
-    worker = b.process.worker
     for c in range(nchunks):
         off = c * chunk
         n = min(chunk, t.slice_bytes - off) if op is not Op.BARRIER else 1
@@ -146,7 +148,6 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
             yield from _chunk_cuda(b, spec, op, t, off, n, stream, reason)
         else:
             yield from _chunk_cpu(b, spec, op, t, off, n, reason)
-        worker.seq += 1
     output: Any = None
     if env.backend == "cuda":
         ok = yield fx.StreamSync(stream, env.collective_timeout_s, what=f"collective {index} ({spec.op}) to finish")
@@ -186,14 +187,20 @@ def _chunk_cuda(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, str
     assert t.inp is not None and t.out is not None
     for dst_off, src_off, length in _send_layout(op, env.size, t.slice_bytes, off, n):
         yield fx.Memcpy(send.rid, dst_off, t.inp.rid, src_off, length, stream)
+    # slot choice and counter bump are one step (putTaskCuda runs them back to back on the caller's thread):
+    # concurrent groups of one device alternate over slots 2-3
     slot = 2 + worker.cuda_task_count % 2
+    worker.cuda_task_count += 1
     if env.policy.serialize_task_slots and env.concurrent_groups > 1:
         yield from _claim_slot(b, slot)
+    # a task's sequence number is taken when it is built: concurrent groups of one device must not share one
     task = Task(op, spec.root, n, parity, b.group, worker.seq, n // ITEMSIZE[spec.dtype])
+    worker.seq += 1
     yield fx.Launch("spin", stream, fx.SpinArgs(worker.table.rid, slot, task.pack(), env.collective_timeout_s))
     if reason is not None:
         # Mooncake raised here, after this chunk's copy and spin kernel were enqueued: the exchange still runs,
         # the output is never written and the counters are not advanced.
+        worker.cuda_task_count -= 1
         yield mark("unsupported_reduce", reason=reason, after_enqueue=True)
         raise ProtocolError(f"{spec.op}({spec.dtype}, {spec.reduce_op}): {reason}", cause="unsupported-reduce")
     if op in REDUCING and (op is not Op.REDUCE or env.rank == spec.root):
@@ -208,7 +215,6 @@ def _chunk_cuda(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, str
     else:
         for out_off, recv_off, length in _recv_layout(op, env.rank, spec.root, env.size, t.slice_bytes, off, n):
             yield fx.Memcpy(t.out.rid, out_off, recv.rid, recv_off, length, stream)
-    worker.cuda_task_count += 1
     b.task_count += 1
 
 
@@ -231,7 +237,9 @@ def _chunk_cpu(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, reas
         for dst_off, src_off, length in _send_layout(op, env.size, t.slice_bytes, off, n):
             data = yield fx.ReadMem(t.inp.rid, src_off, length)
             yield fx.WriteMem(send.rid, dst_off, data)
+    # a task's sequence number is taken when it is built: concurrent groups of one device must not share one
     task = Task(op, spec.root, n, parity, b.group, worker.seq, n // ITEMSIZE[spec.dtype])
+    worker.seq += 1
     yield fx.WriteMem(table.rid, slot * SLOT_BYTES + TASK_OFFSET, task.pack())
     yield fx.WriteMem(table.rid, slot * SLOT_BYTES, struct.pack("<i", ACTIVE_SET))
     worker.cpu_task_count += 1
@@ -269,7 +277,10 @@ def run_workload(groups: list[Backend]) -> Activity:
             yield from run_collective(groups[0], spec, index)
             continue
         handles = []
-        for b in groups:
+        for g, b in enumerate(groups):
+            if g:
+                # one thread issues the groups' collectives in turn; enqueueing one takes host time
+                yield fx.Sleep(GROUP_ISSUE_GAP_S)
             h = yield fx.Spawn(f"group{b.group}", run_collective(b, spec, index))
             handles.append(h)
         for h in handles:

@@ -222,16 +222,29 @@ def _uninitialized_sync_flag(f: Facts) -> tuple[str, str] | None:
                                        "flag let a rank read its receive buffer before every peer's data had landed")
 
 
+def _one_way_warmup(f: Facts) -> tuple[str, str] | None:
+    # a WRITE to a killed rank fails whichever direction the warmup proved: that is not this failure mode
+    for m in f.named("unwarmed_direction"):
+        if m["data"].get("peer") in f.killed:
+            continue
+        return "one-way-warmup", (f"rank {m['rank']}'s first WRITE to rank {m['data'].get('peer')} in the collective "
+                                  f"uses the direction the warmup never proved, and it fails ({m['data'].get('reason')})")
+    return None
+
+
 #: The rules, most specific first. Worker- and collective-level marks come from the collective phase.
 RULES: tuple[Rule, ...] = (
+    # before _error_cause: whether the check ran before or after enqueueing is the point of failure mode 14
+    _mark_rule("unsupported_reduce", "unsupported-reduce",
+               lambda m: f"rank {m['rank']}: {m['data'].get('reason')}; found only after the exchange was enqueued, "
+               "so the exchange still runs and the output is never written"
+               if m["data"].get("after_enqueue") else
+               f"rank {m['rank']}: {m['data'].get('reason')}; rejected before anything was enqueued (no exchange)"),
     _error_cause,
     _resource("module-load", "lazy-kernel-load",
               "device work held while a kernel module loads behind a resident spin kernel"),
     _resource("legacy-stream", "legacy-stream-serialization",
               "a synchronous copy on the legacy default stream waits behind the resident spin kernel"),
-    _mark_rule("unsupported_reduce", "unsupported-reduce",
-               lambda m: f"rank {m['rank']}: {m['data'].get('reason')} (found after the exchange was enqueued)"
-               if m["data"].get("after_enqueue") else f"rank {m['rank']}: {m['data'].get('reason')}"),
     _mark_rule("slot_exhausted", "task-slot-exhaustion",
                lambda m: f"rank {m['rank']}: {m['data'].get('text')}"),
     _mark_rule("stale_task_poll", "stale-task-id",
@@ -248,9 +261,7 @@ RULES: tuple[Rule, ...] = (
     _host_region_on_fabric,
     _host_region_gpu_label,
     _duplicate_machine_id,
-    _mark_rule("unwarmed_direction", "one-way-warmup",
-               lambda m: f"rank {m['rank']}'s first WRITE to rank {m['data'].get('peer')} in the collective uses "
-               f"the direction the warmup never proved, and it fails ({m['data'].get('reason')})"),
+    _one_way_warmup,
     _one_way_caught_at_warmup,
     _unreachable_segment,
     _ping_false_positive,

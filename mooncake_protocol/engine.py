@@ -312,6 +312,34 @@ class Engine:
         self.segments[name] = desc
         return desc
 
+    def refresh_segment(self, seg: SegmentDesc) -> Activity:
+        """Re-read a cached descriptor that lacks a target buffer of its rightful owner.
+
+        The owner registered that buffer after we fetched its descriptor: the buffers of a later process
+        group of the same process (one engine, one segment per process). The engines re-read a segment's
+        descriptor when a buffer lookup misses; the cache then holds the fresh one. A descriptor from the
+        wrong owner (duplicate server name) is not refreshed: its owner never had the buffer.
+        """
+        cached = self.segments.get(seg.name)
+        if cached is not None and cached is not seg and len(cached.buffers) > len(seg.buffers):
+            return cached
+        if seg.name == self.server_name:
+            fresh: SegmentDesc | None = self.local_desc()
+        else:
+            method = "GetSegmentDesc" if self.kind == "tent" else "Handshake"
+            payload = b"" if self.kind == "tent" else self.local_desc().to_bytes()
+            reply = yield fx.RpcCall(seg.name, method, payload, RPC_TIMEOUT_S)
+            fresh = None
+            if reply.ok:
+                try:
+                    fresh = SegmentDesc.from_bytes(reply.payload)
+                except (ValueError, KeyError, TypeError):
+                    fresh = None
+        if fresh is None or fresh.owner != seg.owner:
+            return seg
+        self.segments[seg.name] = fresh
+        return fresh
+
     def close_segment(self, name: str) -> None:
         self.segments.pop(name, None)
 
@@ -344,6 +372,8 @@ class Engine:
         Returns the engine batch id.
         """
         for r in reqs:
+            if r.seg is not None and r.seg.owner == r.dst_rank and r.seg.find(r.dst_addr, r.length) is None:
+                r.seg = yield from self.refresh_segment(r.seg)
             self._choose(r)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch

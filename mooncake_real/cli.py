@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     rank.add_argument("--host", default=None, help="address this rank binds and advertises (default: this host's)")
     rank.add_argument("--deadline", type=float, default=600.0, help="seconds before the rank dumps and exits")
 
+    cal = sub.add_parser("calibrate", help="measure this machine; write the simulator's timing constants (JSON)")
+    cal.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    cal.add_argument("--no-gpu", action="store_true", help="skip the GPU measurements")
+    cal.add_argument("--quick", action="store_true", help="fewer repetitions")
+
     disc = sub.add_parser("discover", help="write this machine's topology as a topology YAML file")
     disc.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     return p
@@ -102,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             from .runner import cmd_run
 
             return cmd_run(args)
+        if args.cmd == "calibrate":
+            from .calibrate import cmd_calibrate
+
+            return cmd_calibrate(args)
         if args.cmd == "rank":
             return cmd_rank(args)
         return cmd_discover(args)

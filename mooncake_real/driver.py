@@ -21,6 +21,11 @@ Rules of this module:
   when every other thread is stuck inside a CUDA call. A CUDA call that holds the GIL stops the watchdog
   too; for that case each activity's current effect is mirrored into ``<job_dir>/rank<r>.board``
   (:class:`StateBoard`), which the launcher reads when a rank does not answer.
+* Start barrier: a rank starts its top-level activity only once every rank of the job has started up
+  (imports, threads, the entry loaded): each adds itself to :data:`READY_KEY`, the last one sets
+  :data:`GO_KEY`. Process start-up takes long and differs between ranks; without the barrier a rank
+  started first is hundreds of milliseconds ahead, which the simulator (all ranks start at t=0) never sees.
+  A rank whose entry failed to load still counts itself ready, so the others are never held.
 * When the top-level activity ends, the rank writes ``<job_dir>/rank<r>.result.json`` and keeps serving
   (its RPC server and memory stay up, as a real process keeps its process group) until it is released:
   the launcher sets the store key :data:`RELEASE_KEY`, or, in ``count`` mode (torchrun/SLURM), every rank
@@ -56,6 +61,8 @@ from .transports import TransferEngine, rpc_builtins
 
 RELEASE_KEY = "mooncake_real/release"
 DONE_KEY = "mooncake_real/done"
+READY_KEY = "mooncake_real/ready"
+GO_KEY = "mooncake_real/go"
 LAST_EVENTS = 50
 WAIT_POLL_MAX_S = 0.002
 _DUMP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
@@ -78,9 +85,14 @@ class RankSpec:
     host: str = "127.0.0.1"  # the address this rank binds and advertises
     gpu: int | None = None  # the CUDA device of this rank (None: CPU backend)
     kill_at_phase: str | None = None  # fault kill_rank: SIGKILL itself on mark phase(phase=...)
+    kill_after_s: float = 0.0  # kill_rank with seconds: that long after the phase mark
     pause_at_phase: str | None = None  # fault pause_rank: SIGSTOP itself; the launcher SIGCONTs it
     pause_s: float = 0.0
+    rpc_delay_s: float = 0.0  # fault slow_peer: this rank's server answers protocol RPCs that much later
+    rpc_closed: bool = False  # fault close_port: this rank's server takes protocol RPCs and never answers
+    blocked_to: list[int] = field(default_factory=list)  # fault block_direction: WRITEs to these ranks fail
     release: str = "launcher"  # "launcher" | "count" | "none"
+    start_barrier: bool = True  # wait until every rank is up before the caller starts (the simulator's t=0)
     exit_grace_s: float = 5.0
     store_timeout_s: float = 30.0
     rpc_timeout_s: float = 5.0
@@ -241,9 +253,11 @@ class RankDriver:
         self.table = RegionTable(spec.job_id, spec.job_dir, spec.rank, self.gpu if self.gpu.available else None)
         self.gpu.table = self.table
         self.rpc_client = RpcClient()
-        self.rpc_server = RpcServer(spec.host, builtins=rpc_builtins(self.table))
+        self.rpc_server = RpcServer(spec.host, builtins=rpc_builtins(self.table), delay_s=spec.rpc_delay_s,
+                                    closed=spec.rpc_closed)
         self.transfers = TransferEngine(spec.rank, spec.job_dir, self.table, self.rpc_client,
-                                        self.gpu if self.gpu.available else None, spec.rpc_timeout_s)
+                                        self.gpu if self.gpu.available else None, spec.rpc_timeout_s,
+                                        blocked_to=spec.blocked_to)
         self.reader = MemoryReader(self.table, self.transfers)
         self._store_local = threading.local()
         self._stores: list[StoreClient] = []
@@ -308,15 +322,36 @@ class RankDriver:
             return
         phase = dict(m.data).get("phase")
         if phase is not None and phase == self.spec.kill_at_phase:
-            os.kill(os.getpid(), signal.SIGKILL)
+            if self.spec.kill_after_s > 0:
+                threading.Timer(self.spec.kill_after_s, self.kill_self).start()
+            else:
+                self.kill_self()
         if phase is not None and phase == self.spec.pause_at_phase:
             os.kill(os.getpid(), signal.SIGSTOP)  # the launcher sends SIGCONT after pause_s
 
+    def kill_self(self) -> None:
+        """Fault kill_rank: record the ``killed`` mark the simulator records, then SIGKILL this process."""
+        self.trace.write(tr.mark_record(self.rank, "driver", self.now(), fx.mark("killed")))
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def _activity_thread(self, h: _Handle, gen: fx.Activity) -> None:
+        from mooncake_protocol.errors import ProtocolError
+
         try:
             h.value = self.run_activity(h.name, gen)
         except BaseException as exc:  # kept for Join
             h.error = exc
+            if isinstance(exc, ProtocolError):  # as the simulator marks it
+                self.error_mark(h.name, exc)
+
+    def error_mark(self, activity: str, exc: Any) -> None:
+        """Record the ``error`` mark the simulator records when an activity raises a ProtocolError."""
+        self.trace.write(tr.mark_record(self.rank, activity, self.now(),
+                                        fx.mark("error", text=str(exc), cause=exc.cause)))
+        try:
+            exc._marked = True  # re-raised by a Join: marked once
+        except AttributeError:
+            pass
 
     def interpret(self, activity: str, eff: fx.Effect) -> Any:
         handler = HANDLERS.get(type(eff))
@@ -635,6 +670,21 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def start_barrier(driver: RankDriver) -> None:
+    """Wait until every rank of the job is up (see the module docstring); bounded by the rank's deadline."""
+    spec = driver.spec
+    if not spec.start_barrier or spec.world_size <= 1 or spec.release == "none":
+        return
+    try:
+        client = driver.store()
+        if client.add(READY_KEY, 1) >= spec.world_size:
+            client.set(GO_KEY, b"1")
+        else:
+            client.wait([GO_KEY], max(0.0, spec.t0 + spec.deadline_s - time.monotonic()))
+    except Exception:
+        pass  # no store (or it went away): start anyway; the run's own waits will tell
+
+
 def run_rank(spec: RankSpec) -> int:
     """Run one rank to its end in this process. Returns the exit code.
 
@@ -652,14 +702,24 @@ def run_rank(spec: RankSpec) -> int:
     wd.start()
     result: dict[str, Any] = {"rank": spec.rank, "pid": os.getpid()}
     code = 0
+    activity: Any = None
+    entry_error: BaseException | None = None
     try:
         activity = load_callable(spec.entry)(spec)
+    except Exception as exc:
+        entry_error = exc
+    start_barrier(driver)
+    try:
+        if entry_error is not None:
+            raise entry_error
         value = driver.run_activity("caller", activity)
         result.update(status="completed", value=tr._jsonable(value))
     except Exception as exc:
         from mooncake_protocol.errors import ProtocolError
 
         if isinstance(exc, ProtocolError):
+            if not getattr(exc, "_marked", False):
+                driver.error_mark("caller", exc)
             result.update(status="error", error=str(exc), cause=exc.cause)
             code = 1
         else:

@@ -19,5 +19,10 @@ def protocol_activity(spec: Any) -> Any:
     if not spec.scenario:
         raise ValueError("RankSpec.scenario is empty; the protocol entry needs a scenario")
     scenario = load_scenario(spec.scenario)
+    # Import what the protocol imports lazily (the worker pulls in numpy) now, before the first phase mark:
+    # a Python import is process start-up, not bootstrap (the simulator's process has it loaded already).
+    import mooncake_protocol.collectives  # noqa: F401
+    import mooncake_protocol.p2p  # noqa: F401
+    import mooncake_protocol.worker  # noqa: F401
     envs = make_rank_envs(scenario, lambda _host: spec.host)
     return rank_main(envs[spec.rank])

@@ -12,8 +12,10 @@ Rules of this module:
   real EADDRINUSE), ``kill_at`` (the rank SIGKILLs itself when it records ``phase`` mark = that phase),
   ``pause_at`` (the rank SIGSTOPs itself at that phase mark; the launcher, tailing its trace, SIGCONTs it
   ``seconds`` later), ``store_delay_s`` (every store request is held that long).
-* At the deadline the launcher asks every live rank for a dump (SIGUSR1), waits a little for the dump
-  files, then ends the job. :class:`JobResult` carries the merged trace, dumps, results and exit codes.
+* Hang detection mirrors the simulator: the launcher tails every rank's trace for progress marks (names
+  outside :data:`mooncake_protocol.trace.NOISE_MARKS`); when none appeared for ``stall_s`` (counted once
+  every rank wrote its first record), or at ``deadline_s``, it asks every live rank for a dump (SIGUSR1),
+  waits a little for the dump files, then ends the job. :class:`JobResult` carries the merged trace, dumps, results and exit codes.
 * :func:`check_realisable` refuses, in one line, a scenario this machine cannot realise.
 """
 
@@ -54,6 +56,7 @@ class Faults:
     """Faults the launcher realises. Ranks are job ranks; phases are ``phase`` mark values."""
 
     kill_at: dict[int, str] = field(default_factory=dict)
+    kill_after: dict[int, float] = field(default_factory=dict)  # seconds after the kill_at phase mark
     pause_at: dict[int, tuple[str, float]] = field(default_factory=dict)
     hold_ports: list[int] = field(default_factory=list)
     store_delay_s: float | dict[str, float] = 0.0
@@ -74,6 +77,13 @@ class JobResult:
     store_stats: dict[str, int]
     wall_s: float
     logs: dict[int, str]  # tail of each rank's stdout+stderr
+    #: why the run ended: completed (every rank's caller finished or the rank is gone), stall (no progress
+    #: mark for ``stall_s``), deadline
+    end_reason: str = "completed"
+    #: run seconds of the last progress mark (a mark whose name is not in trace.NOISE_MARKS)
+    last_progress_s: float = 0.0
+    #: run seconds when every rank's caller had finished (or its process was gone); None if that never happened
+    callers_done_s: float | None = None
 
     def blocked(self) -> list[Any]:
         from mooncake_protocol.trace import Blocked
@@ -163,7 +173,7 @@ class _TraceTail:
         self.pos = 0
         self.buf = b""
 
-    def new_records(self) -> list[dict[str, Any]]:
+    def new_records(self, marks_only: bool = False) -> list[dict[str, Any]]:
         try:
             with open(self.path, "rb") as f:
                 f.seek(self.pos)
@@ -175,6 +185,8 @@ class _TraceTail:
         *lines, self.buf = self.buf.split(b"\n")
         out = []
         for line in lines:
+            if marks_only and b'"mark"' not in line:
+                continue
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
@@ -226,13 +238,17 @@ def launch(
     dump_grace_s: float = 3.0,
     env: Mapping[str, str] | None = None,
     job_id: str | None = None,
+    stall_s: float | None = None,
+    rank_options: Mapping[int, Mapping[str, Any]] | None = None,
 ) -> JobResult:
     """Run ``world_size`` rank processes of ``entry`` to their end or to ``deadline_s``.
 
     ``gpus[r]`` is rank r's CUDA device (None or absent: CPU backend). ``job_dir``: where specs, traces,
     dumps and results go (a temporary directory, removed afterwards unless ``keep_job_dir``). ``args`` is
     passed to every rank as ``RankSpec.args``. ``job_id`` (default: random hex) names the job's shared-memory
-    segments ``mc<job_id>_*`` and its temporary directory.
+    segments ``mc<job_id>_*`` and its temporary directory. ``stall_s``: end the run (as a hang) when no
+    progress mark appeared for that long (None: only the deadline). ``rank_options[r]``: extra
+    :class:`RankSpec` fields of rank r (e.g. ``rpc_delay_s``, ``rpc_closed``).
     """
     faults = faults or Faults()
     pythonpath = [str(Path(p).resolve()) for p in pythonpath]
@@ -253,6 +269,7 @@ def launch(
     killed: list[int] = []
     exit_codes: dict[int, int | None] = {}
     store_stats: dict[str, int] = {}
+    progress = _Progress()
 
     def event(kind: str, **data: Any) -> None:
         events.append({"t": round(time.monotonic() - t0, 6), "event": kind, **data})
@@ -277,9 +294,10 @@ def launch(
                     job_id=job_id, job_dir=str(jdir), rank=r, world_size=world_size, store_addr=store.address,
                     token=token, t0=t0, deadline_s=deadline_s + dump_grace_s + 2.0, entry=entry, scenario=scenario,
                     host=host, gpu=(gpus[r] if gpus is not None and r < len(gpus) else None),
-                    kill_at_phase=faults.kill_at.get(r), pause_at_phase=pause[0] if pause else None,
+                    kill_at_phase=faults.kill_at.get(r), kill_after_s=float(faults.kill_after.get(r, 0.0)),
+                    pause_at_phase=pause[0] if pause else None,
                     pause_s=pause[1] if pause else 0.0, release="launcher", pythonpath=list(pythonpath),
-                    args=dict(args or {}),
+                    args=dict(args or {}), **dict((rank_options or {}).get(r, {})),
                 )
                 spec_path = rank_file(jdir, r, "spec")
                 spec_path.write_text(spec.to_json())
@@ -290,7 +308,8 @@ def launch(
                     start_new_session=True, env=child_env, cwd=str(jdir),
                 )
             event("started", pids={r: p.pid for r, p in procs.items()})
-            timed_out = _monitor(procs, jdir, faults, t0, deadline_s, dump_grace_s, store, token, event)
+            timed_out = _monitor(procs, jdir, faults, t0, deadline_s, dump_grace_s, store, token, event, stall_s,
+                                 progress)
     finally:
         for r, p in procs.items():
             if p.poll() is None:
@@ -312,17 +331,34 @@ def launch(
         sweep_shm(job_id)
 
     result = _collect(job_id, jdir, world_size, exit_codes, timed_out, killed, events, store_stats, time.monotonic() - t0)
+    result.end_reason = progress.end_reason
+    result.last_progress_s = progress.last
+    result.callers_done_s = progress.callers_done
     if own_dir and not keep_job_dir:
         shutil.rmtree(jdir, ignore_errors=True)
     return result
 
 
+@dataclass
+class _Progress:
+    """What the monitor learnt about the run's progress (see JobResult)."""
+
+    last: float = 0.0
+    end_reason: str = "completed"
+    callers_done: float | None = None
+
+
 def _monitor(
     procs: dict[int, subprocess.Popen[bytes]], jdir: Path, faults: Faults, t0: float, deadline_s: float,
-    dump_grace_s: float, store: StoreServer, token: str, event: Any,
+    dump_grace_s: float, store: StoreServer, token: str, event: Any, stall_s: float | None = None,
+    progress: _Progress | None = None,
 ) -> bool:
-    """Watch the ranks until all exited or the deadline passed (returns whether it did)."""
-    tails = {r: _TraceTail(rank_file(jdir, r, "trace")) for r in faults.pause_at}
+    """Watch the ranks until all exited, or a stall or the deadline (returns whether it was one of those)."""
+    from mooncake_protocol.trace import NOISE_MARKS
+
+    prog = progress if progress is not None else _Progress()
+    tails = {r: _TraceTail(rank_file(jdir, r, "trace")) for r in procs}
+    started: set[int] = set()  # ranks that wrote a first record (the stall clock runs once all did)
     resume_at: dict[int, float] = {}
     released = False
     client = StoreClient(store.address, token, timeout_s=5.0)
@@ -330,17 +366,23 @@ def _monitor(
         while True:
             now = time.monotonic()
             alive = {r for r, p in procs.items() if p.poll() is None}
-            if not alive:
-                return False
             for r, tail in tails.items():
-                if r in resume_at:
-                    continue
-                phase, seconds = faults.pause_at[r]
-                for rec in tail.new_records():
-                    if rec.get("type") == "mark" and rec.get("name") == "phase" and rec.get("data", {}).get("phase") == phase:
+                recs = tail.new_records(marks_only=True)
+                if tail.pos:
+                    started.add(r)
+                for rec in recs:
+                    name = rec.get("name")
+                    if name not in NOISE_MARKS:
+                        prog.last = max(prog.last, float(rec.get("t", 0.0)))
+                    if (r in faults.pause_at and r not in resume_at and name == "phase"
+                            and rec.get("data", {}).get("phase") == faults.pause_at[r][0]):
+                        seconds = faults.pause_at[r][1]
                         resume_at[r] = now + seconds
-                        event("pause", rank=r, phase=phase, seconds=seconds)
-                        break
+                        event("pause", rank=r, phase=faults.pause_at[r][0], seconds=seconds)
+            if not alive:
+                if prog.callers_done is None:
+                    prog.callers_done = round(now - t0, 6)
+                return False
             for r, at in list(resume_at.items()):
                 if at is not None and now >= at and r in alive:
                     if _proc_state(procs[r].pid) == "T" or now >= at + 1.0:
@@ -348,14 +390,22 @@ def _monitor(
                         event("resume", rank=r)
                         resume_at[r] = float("inf")
             if not released and all(r not in alive or rank_file(jdir, r, "result").exists() for r in procs):
+                prog.callers_done = round(now - t0, 6)
                 client.set(RELEASE_KEY, b"1")
                 released = True
                 event("release")
-            if now - t0 >= deadline_s:
-                event("deadline", alive=sorted(alive))
-                _ask_dumps(procs, alive, jdir, dump_grace_s, event)
-                return True
-            time.sleep(0.01)
+            if not released:
+                stalled = (stall_s is not None and len(started | (set(procs) - alive)) == len(procs)
+                           and now - t0 - prog.last >= stall_s)
+                if stalled or now - t0 >= deadline_s:
+                    prog.end_reason = "stall" if stalled else "deadline"
+                    event(prog.end_reason, alive=sorted(alive), last_progress=round(prog.last, 6))
+                    _ask_dumps(procs, alive, jdir, dump_grace_s, event)
+                    return True
+            elif now - t0 >= deadline_s + dump_grace_s:  # released ranks that do not exit: end it anyway
+                event("exit_overdue", alive=sorted(alive))
+                return False
+            time.sleep(0.005)
     finally:
         client.close()
 

@@ -10,6 +10,14 @@ Rules of this module:
   ``__ipc__``, ``__region__``); they are answered even before the protocol serves, exactly when a socket is
   bound and served, never otherwise.
 * Wire format: request ``[req_id, method, payload]`` from a DEALER; reply ``[req_id, b"ok"|b"err", payload]``.
+* Safety: real mode talks to loopback addresses only. :func:`loopback_only` accepts ``localhost`` and
+  127.0.0.0/8 (no name lookup is ever made); any other target is answered ``unreachable`` at once, before
+  a socket exists, so no packet leaves the machine. The store client applies the same rule.
+  ``MOONCAKE_REAL_ALLOW_REMOTE=1`` lifts it, for several hosts under torchrun/SLURM only.
+* Faults of the owning rank (scenario ``slow_peer`` / ``close_port``): ``delay_s`` answers protocol methods
+  that much later (the server thread keeps serving others meanwhile, replies are queued by due time);
+  ``closed`` takes protocol requests and never answers them (callers time out). The driver's own ``__``
+  methods (the data path) are not affected, as in the simulator, where WRITEs do not travel over RPC.
 * :class:`RpcClient` caches one DEALER per (thread, target). A new connection is preceded by a plain TCP
   connect probe, so a port with no listener answers ``refused`` at once (zmq alone would retry silently).
   On a timeout the connection is dropped, so a late reply never answers a later call.
@@ -18,7 +26,10 @@ Rules of this module:
 from __future__ import annotations
 
 import errno
+import heapq
+import ipaddress
 import itertools
+import os
 import socket
 import threading
 import time
@@ -31,6 +42,25 @@ from mooncake_protocol.effects import BindResult, RpcReply
 Handler = Callable[[str, bytes], bytes]
 
 
+ALLOW_REMOTE_ENV = "MOONCAKE_REAL_ALLOW_REMOTE"
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a literal IPv4 address in 127.0.0.0/8 (names are never resolved)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host.strip())
+    except ValueError:
+        return False
+    return isinstance(addr, ipaddress.IPv4Address) and addr in ipaddress.IPv4Network("127.0.0.0/8")
+
+
+def loopback_only(host: str) -> bool:
+    """May real mode connect to ``host``? Loopback only, unless $MOONCAKE_REAL_ALLOW_REMOTE is 1."""
+    return is_loopback(host) or os.environ.get(ALLOW_REMOTE_ENV) == "1"
+
+
 def split_target(target: str) -> tuple[str, int]:
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
@@ -41,8 +71,11 @@ def split_target(target: str) -> tuple[str, int]:
 class RpcServer:
     """One rank's RPC server. ``builtins``: driver methods (name -> fn(payload) -> bytes)."""
 
-    def __init__(self, host: str = "127.0.0.1", builtins: Mapping[str, Callable[[bytes], bytes]] | None = None) -> None:
+    def __init__(self, host: str = "127.0.0.1", builtins: Mapping[str, Callable[[bytes], bytes]] | None = None,
+                 delay_s: float = 0.0, closed: bool = False) -> None:
         self.host = host
+        self.delay_s = max(0.0, float(delay_s))
+        self.closed = closed
         self.builtins = dict(builtins or {})
         self._sockets: dict[int, Any] = {}
         self._threads: dict[int, threading.Thread] = {}
@@ -106,14 +139,33 @@ class RpcServer:
             raise LookupError(f"no RPC method {method!r}")
         return handler(method, payload)
 
+    def _answer(self, sock: Any, handler: Handler | None, ident: bytes, req_id: bytes, method: str,
+                payload: bytes) -> None:
+        import zmq
+
+        try:
+            out, status = self._dispatch(handler, method, payload), b"ok"
+        except Exception as exc:  # a handler error is the caller's bad reply, not our crash
+            out, status = f"{type(exc).__name__}: {exc}".encode(), b"err"
+        try:
+            sock.send_multipart([ident, req_id, status, out], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
     def _loop(self, sock: Any, handler: Handler | None) -> None:
         import zmq
 
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        later: list[tuple[float, int, bytes, bytes, str, bytes]] = []  # slow_peer: (due, seq, request...)
+        seq = itertools.count()
         try:
             while not self._stop.is_set():
-                if not poller.poll(50):
+                while later and later[0][0] <= time.monotonic():
+                    _, _, ident, req_id, method, payload = heapq.heappop(later)
+                    self._answer(sock, handler, ident, req_id, method, payload)
+                wait_ms = 50 if not later else max(0, min(50, int((later[0][0] - time.monotonic()) * 1000) + 1))
+                if not poller.poll(wait_ms):
                     continue
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -125,14 +177,18 @@ class RpcServer:
                 ident, req_id, method_b, payload = frames
                 try:
                     method = method_b.decode("ascii")
-                    self.stats[method] += 1
-                    out, status = self._dispatch(handler, method, payload), b"ok"
-                except Exception as exc:  # a handler error is the caller's bad reply, not our crash
-                    out, status = f"{type(exc).__name__}: {exc}".encode(), b"err"
-                try:
-                    sock.send_multipart([ident, req_id, status, out], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
+                except UnicodeDecodeError:
+                    self.stats["malformed"] += 1
+                    continue
+                self.stats[method] += 1
+                if not method.startswith("__"):
+                    if self.closed:
+                        self.stats["dropped"] += 1
+                        continue
+                    if self.delay_s > 0:
+                        heapq.heappush(later, (time.monotonic() + self.delay_s, next(seq), ident, req_id, method, payload))
+                        continue
+                self._answer(sock, handler, ident, req_id, method, payload)
         finally:
             sock.close(0)
 
@@ -174,6 +230,8 @@ class RpcClient:
                 pass
 
     def _probe(self, host: str, port: int, timeout_s: float) -> str | None:
+        if not loopback_only(host):
+            return "unreachable"
         try:
             with socket.create_connection((host, port), timeout=min(timeout_s, self.probe_timeout_s)):
                 return None
@@ -191,8 +249,13 @@ class RpcClient:
             host, port = split_target(target)
         except ValueError:
             return RpcReply(False, b"", "unreachable")
+        if not loopback_only(host):  # safety: nothing leaves this machine (see the module docstring)
+            self.stats["unreachable"] += 1
+            self.stats["refused-remote"] += 1
+            return RpcReply(False, b"", "unreachable")
         conns = self._conns()
         sock = conns.get(target)
+        fresh = sock is None
         deadline = time.monotonic() + timeout_s
         if sock is None:
             err = self._probe(host, port, timeout_s)
@@ -201,13 +264,27 @@ class RpcClient:
                 return RpcReply(False, b"", err)
             sock = zmq.Context.instance().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            # queue only on a live connection: a peer that died (its port closed) makes the send fail at once
+            sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.connect(f"tcp://{host}:{port}")
             conns[target] = sock
             with self._all_lock:
                 self._all.append(sock)
         with self._ids_lock:
             req_id = str(next(self._ids)).encode()
-        sock.send_multipart([req_id, method.encode("ascii"), payload])
+        frames_out = [req_id, method.encode("ascii"), payload]
+        try:
+            sock.send_multipart(frames_out, zmq.NOBLOCK)
+        except zmq.Again:
+            if not fresh:  # the cached connection is gone (the peer closed it): start over, probe first
+                self._drop(target)
+                return self.call(target, method, payload, max(0.0, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+                self._drop(target)
+                self.stats["timeout"] += 1
+                return RpcReply(False, b"", "timeout")
+            sock.send_multipart(frames_out, zmq.NOBLOCK)
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):

@@ -283,6 +283,11 @@ class StoreClient:
         if self._ctx is None:
             self._ctx = zmq.Context.instance()
         if self._sock is None:
+            from .rpc import loopback_only
+
+            host = self.address.rpartition(":")[0].strip("[]")
+            if not loopback_only(host):  # safety: real mode talks to loopback only (see rpc.py)
+                raise StoreError(f"store {self.address}: unreachable (real mode connects to loopback addresses only)")
             s = self._ctx.socket(zmq.DEALER)
             s.setsockopt(zmq.LINGER, 0)
             s.connect(f"tcp://{self.address}")

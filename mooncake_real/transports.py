@@ -80,8 +80,10 @@ class TransferEngine:
         rpc_client: Any,
         gpu: Any = None,
         rpc_timeout_s: float = 5.0,
+        blocked_to: Any = (),
     ) -> None:
         self.rank = rank
+        self.blocked_to = frozenset(int(r) for r in blocked_to)  # fault block_direction
         self.job_dir = Path(job_dir)
         self.table = table
         self.rpc = rpc_client
@@ -141,6 +143,8 @@ class TransferEngine:
 
     def execute(self, w: fx.WriteReq) -> str | None:
         """Carry out one WRITE; None when it completed, else the failure reason."""
+        if w.dst_owner in self.blocked_to and split_addr(w.dst_addr).owner == w.dst_owner:
+            return "blocked-direction"  # fault block_direction, decided where the simulator decides it
         if registry_path(self.job_dir, w.dst_owner).exists() or split_addr(w.dst_addr).owner != w.dst_owner:
             target, entry = target_facts(self.job_dir, w.dst_owner, w.dst_addr, w.length)
         else:  # the owner runs on another host (torchrun/SLURM): ask its server

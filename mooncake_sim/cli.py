@@ -163,6 +163,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from mooncake_sim.parity import cmd_parity as parity
+
+    result: int = parity(args)
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mooncake-sim",
@@ -196,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.add_argument("--calibration", metavar="FILE", help="timing constants measured in real mode")
     r.set_defaults(func=cmd_run)
+
+    pp = sub.add_parser("parity", help="run a scenario in the simulator and for real; compare canonical traces",
+                        description="Run SCENARIO in the simulator and with `mooncake-real run` (a subprocess), "
+                                    "compare their canonical traces and print 'equal' or the first divergence "
+                                    "per rank. Exit 0 equal, 1 different, 2 not realisable here or bad input.")
+    pp.add_argument("scenario", metavar="SCENARIO", help="bundled name or path")
+    pp.add_argument("--json", action="store_true", help="print the result (both canonical forms included) as JSON")
+    pp.add_argument("--calibration", metavar="FILE", help="timing constants from `mooncake-real calibrate`")
+    pp.add_argument("--deadline", type=float, help="real mode's deadline in seconds (default: the scenario's)")
+    pp.add_argument("--keep", metavar="DIR", help="keep both traces, outcomes and canonical forms in DIR")
+    pp.set_defaults(func=cmd_parity)
     return p
 
 

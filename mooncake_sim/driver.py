@@ -21,8 +21,8 @@ from mooncake_protocol import topology as topo
 from mooncake_protocol.errors import ProtocolError
 from mooncake_protocol.memory import split_addr
 from mooncake_protocol.outcome import RunRecord
-from mooncake_protocol.rankenv import RankEnv, make_rank_envs
 from mooncake_protocol.rank import rank_main
+from mooncake_protocol.rankenv import RankEnv, make_rank_envs
 from mooncake_protocol.trace import NOISE_MARKS, PHASES, Blocked, describe_wait, effect_record, mark_record
 
 from .gpu import ASYNC_CALL_S, KERNEL_LAUNCH_S, MODULE_LOAD_S, GpuModel, Op
@@ -44,6 +44,17 @@ class Calibration:
     rpc_one_way_s: float | None = None
     effect_cpu_s: float = 0.0  # host CPU cost charged per effect (Python-level drivers are slower)
     rdma_overhead_s: float = 0.0
+    # The fields below default to "not calibrated": the simulator then behaves exactly as without a file.
+    alloc_s: float = 0.0  # extra host CPU per Allocate (real mode: create, size and map a /dev/shm segment)
+    register_s: float = 0.0  # extra host CPU per Register (real mode: rewrite the region registry)
+    host_cpus: float | None = None  # CPU cores a host's ranks share for the costs above (None: unlimited);
+    #                                 a rank's own activities never overlap (one interpreter lock per rank)
+    tcp_latency_s: float | None = None  # a same-host TCP WRITE: latency and bandwidth instead of the
+    tcp_bandwidth_Bps: float | None = None  # topology's loopback link class
+    shm_latency_s: float | None = None  # a SHM WRITE: instead of the topology's shm link class
+    shm_bandwidth_Bps: float | None = None
+    module_load_s: float | None = None  # a CUDA module load (gpu.MODULE_LOAD_S)
+    kernel_launch_s: float | None = None  # host cost of a kernel launch (gpu.KERNEL_LAUNCH_S)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Calibration:
@@ -134,11 +145,16 @@ class Simulation:
         self.transfers = TransferModel(self)
         self.rdma_overhead_s = self.cal.rdma_overhead_s
         self.gpu = GpuModel(self.env, self.dirty)
+        if self.cal.module_load_s is not None:
+            self.gpu.module_load_s = self.cal.module_load_s
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
         self.stop = self.env.event()
         self.killed: list[int] = []
+        self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s}
+        self.cpus: dict[str, simpy.Resource] = {}
+        self.gils: dict[int, simpy.Resource] = {}
         for f in scenario.faults:
             if f.kind == "hold_port":
                 self.network.hold(f.host, int(f.port), FOREIGN)
@@ -175,7 +191,7 @@ class Simulation:
         # that complete without simulated time passing: nobody else runs in between, so re-checking before
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
-        coalesce = not self.cal.effect_cpu_s
+        coalesce = not (self.cal.effect_cpu_s or self.cal.alloc_s or self.cal.register_s)
         while True:
             if not r.alive:
                 break
@@ -205,8 +221,8 @@ class Simulation:
                 error = exc
                 result = None
             self.effect_count += 1
-            if self.cal.effect_cpu_s:
-                yield self.env.timeout(self.cal.effect_cpu_s)
+            if not coalesce:
+                yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
             if self.record_effects and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
             act.current = None
@@ -221,6 +237,24 @@ class Simulation:
         act.finished.succeed(act.result)
         if act.name == "caller":
             self._check_all_done()
+
+    def _cpu(self, r: SimRank, cost: float) -> SimGen:
+        """Charge ``cost`` seconds of host CPU (calibration): on the host's cores, one activity of a rank at a time."""
+        if cost <= 0:
+            return
+        if not self.cal.host_cpus:
+            yield self.env.timeout(cost)
+            return
+        host, rank = r.env.host, r.env.rank
+        if host not in self.cpus:
+            self.cpus[host] = simpy.Resource(self.env, capacity=max(1, int(self.cal.host_cpus)))
+        if rank not in self.gils:
+            self.gils[rank] = simpy.Resource(self.env, capacity=1)
+        with self.gils[rank].request() as gil:
+            yield gil
+            with self.cpus[host].request() as cpu:
+                yield cpu
+                yield self.env.timeout(cost)
 
     def _check_all_done(self) -> None:
         for r in self.ranks:
@@ -286,12 +320,19 @@ class Simulation:
             if eff.predicate(r.reader):
                 return True
             ev = env.event()
-            r.waiters.append(Waiter(eff, ev))
+            waiter = Waiter(eff, ev)
+            r.waiters.append(waiter)
             if eff.timeout_s is None:
                 yield ev
                 return True
             timer = env.timeout(eff.timeout_s)
             yield ev | timer
+            if not ev.triggered:
+                # timed out: drop the waiter, or every later dirty() re-evaluates its predicate in vain
+                try:
+                    r.waiters.remove(waiter)
+                except ValueError:
+                    pass
             return ev.triggered
         if isinstance(eff, (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)):
             one_way = self.cal.store_one_way_s
@@ -415,13 +456,13 @@ class Simulation:
                 ctx.load_waiters.append(ev)
                 yield ev | env.timeout(1e-3)
             if eff.kernel not in ctx.loaded:
-                yield env.timeout(MODULE_LOAD_S)
+                yield env.timeout(MODULE_LOAD_S if self.cal.module_load_s is None else self.cal.module_load_s)
                 ctx.loaded.add(eff.kernel)
             return None
         if isinstance(eff, fx.Launch):
             op = kernels.launch_op(self, r, ctx, eff)
             ctx.enqueue(op)
-            yield env.timeout(KERNEL_LAUNCH_S)
+            yield env.timeout(KERNEL_LAUNCH_S if self.cal.kernel_launch_s is None else self.cal.kernel_launch_s)
             if ctx.jit_loader and ctx.load_pending is not None and ctx.load_pending[0] == op.kernel:
                 ev = env.event()  # a JIT loader blocks the launching host thread until the module is loaded
                 ctx.load_waiters.append(ev)

@@ -136,7 +136,7 @@ class Context:
         if any(seq <= barrier for seq in self.unfinished):
             return
         self.loading = True
-        load = self.env.timeout(MODULE_LOAD_S)
+        load = self.env.timeout(self.model.module_load_s)
 
         def done(_e: simpy.Event) -> None:
             self.loaded.add(kernel)
@@ -223,6 +223,7 @@ class GpuModel:
         self.env = env
         self.on_change = on_change
         self.contexts: dict[int, Context] = {}
+        self.module_load_s = MODULE_LOAD_S  # a calibration may override it
 
     def context(self, rank: int, eager: bool = False, jit_loader: bool = False) -> Context:
         c = self.contexts.get(rank)

@@ -163,6 +163,12 @@ class TransferModel:
             lat = p.latency_s + sim.rdma_overhead_s
         else:
             lat = p.latency_s
+        cal = sim.cal  # measured same-host TCP/SHM WRITEs replace the topology's link classes
+        if w.transport in ("tcp", "shm") and r.env.host == owner.env.host:
+            c_lat = getattr(cal, f"{w.transport}_latency_s")
+            c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
+            lat = lat if c_lat is None else c_lat
+            rate = rate if not c_bw else c_bw
         delay = lat + w.length / rate
         # sizes mode moves only lengths; small control words (flags) are always carried exactly
         payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""

@@ -1,0 +1,155 @@
+"""First-collective benchmark: bootstrap plus one 64 MiB int32 allreduce for 8, 64 and 512 ranks.
+
+Each run is ``data: sizes`` (WRITEs move lengths, no payload bytes) on HGX H100 nodes with TENT and the fixed
+protocol: 8 ranks on one node (NVLink), 64 and 512 ranks on 8 and 64 nodes over one RDMA fabric (a topology
+written to a temp dir; 512 raises ``max_group_size`` by a policy override). Prints, per size: wall time,
+SimPy events (counted by wrapping ``env.step``), protocol effects, events/s, the number of chunks and WRITEs,
+the simulated collective phase time and the allreduce bus bandwidth
+``busbw = 2 (n - 1) / n * bytes / collective phase time`` next to the topology's link rates (GPU-to-GPU
+path within a node and between nodes).
+
+    PYTHONPATH=. python benchmarks/bench_collective.py               # 8, 64, 512
+    PYTHONPATH=. python benchmarks/bench_collective.py 8 64          # chosen sizes
+    PYTHONPATH=. python benchmarks/bench_collective.py --count 262144 512   # a smaller tensor
+    PYTHONPATH=. python benchmarks/bench_collective.py --profile 64  # cProfile top 25 (stderr)
+
+Cost model: a chunk is ``((16 MiB - 1) / n) & ~7`` bytes per rank slice, so a 64 MiB tensor is
+``64 MiB / chunk`` chunks (32 at 8 ranks, 257 at 64, 2049 at 512), and every chunk makes every rank WRITE to
+every rank (data and sync flag): ``2 n^2`` WRITEs per chunk, about ``128 n^3`` in all. At 512 ranks that is
+about 1.1e9 WRITEs; at the simulator's rate (~1e5 to 1e6 per second) that is hours, not minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mooncake_protocol import topology as topo
+from mooncake_protocol.collectives import chunk_bytes
+from mooncake_protocol.scenario import load_scenario
+from mooncake_sim.driver import Simulation
+
+COUNT = 16_777_216  # int32 elements: 64 MiB per rank
+
+CLUSTER = """\
+description: {hosts} HGX H100 nodes x 8 GPUs, one RDMA fabric (benchmark only).
+host_templates:
+  hgx:
+    numa: 2
+    gpus: {{count: 8, model: H100-SXM5, memory_gib: 80, numa: [0, 0, 0, 0, 1, 1, 1, 1]}}
+    nvlink: {{switches: 4}}
+    nics:
+      - {{name: "mlx5_{{i}}", count: 8, type: rdma, rate_gbps: 400, numa: [0, 0, 0, 0, 1, 1, 1, 1],
+         near_gpus: [0, 1, 2, 3, 4, 5, 6, 7], gpudirect: true}}
+      - {{name: eth0, type: tcp, rate_gbps: 100, numa: 0}}
+hosts:
+  - {{name: "node{{i:02d}}", template: hgx, count: {hosts}}}
+networks:
+  - {{name: ib, type: rdma, hosts: all, hops: 2}}
+  - {{name: mgmt, type: tcp, hosts: all}}
+"""
+
+SCENARIO = """\
+name: bench-collective-{n}
+description: Bootstrap and one {mib} MiB int32 allreduce, {n} ranks, TENT, fixed protocol (benchmark).
+topology: {topology}
+ranks: {n}
+backend: cuda
+engine: tent
+policy: {policy}
+data: sizes
+workload:
+  - {{op: allreduce, dtype: int32, count: {count}, reduce_op: sum}}
+deadlines: {{bootstrap_s: 60, collective_s: 600, stall_s: 10}}
+expect: {{verdict: completed, phase: done}}
+"""
+
+
+def scenario_file(n: int, count: int, tmp: Path) -> Path:
+    if n <= 8:
+        topology, policy = "hgx-h100", "fixed"
+    else:
+        hosts = -(-n // 8)
+        (tmp / f"cluster-{hosts}.yaml").write_text(CLUSTER.format(hosts=hosts))
+        topology = f"cluster-{hosts}.yaml"
+        policy = "fixed" if n <= 64 else f"{{preset: fixed, overrides: {{max_group_size: {n}}}}}"
+    path = tmp / f"bench-collective-{n}.yaml"
+    path.write_text(SCENARIO.format(n=n, topology=topology, policy=policy, count=count, mib=count * 4 / 2**20))
+    return path
+
+
+def link_rates(t: topo.Topology) -> str:
+    """GPU 0 to GPU 1 of the first host (NVLink) and GPU 0 to GPU 0 of the second host (RDMA), in GB/s."""
+    hs = topo.hosts(t)
+    out = []
+    p = topo.path(t, topo.Endpoint(hs[0], "gpu", 0), topo.Endpoint(hs[0], "gpu", 1), "nvlink")
+    if isinstance(p, topo.Path):
+        out.append(f"nvlink {p.bandwidth_Bps / 1e9:.0f} GB/s")
+    if len(hs) > 1:
+        p = topo.path(t, topo.Endpoint(hs[0], "gpu", 0), topo.Endpoint(hs[1], "gpu", 0), "rdma")
+        if isinstance(p, topo.Path):
+            out.append(f"rdma {p.bandwidth_Bps / 1e9:.0f} GB/s")
+    return ", ".join(out)
+
+
+def run_sim(n: int, count: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
+    sc = load_scenario(str(scenario_file(n, count, tmp)))
+    sim = Simulation(sc)
+    env = sim.env
+    events = [0]
+    step = env.step
+
+    def counted_step() -> None:
+        events[0] += 1
+        step()
+
+    env.step = counted_step  # type: ignore[method-assign]
+    prof = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    if prof:
+        prof.enable()
+    rec = sim.run()
+    if prof:
+        prof.disable()
+    wall = time.perf_counter() - t0
+    if prof:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    times = [pt["done"] - pt["collective"] for pt in rec.phase_times.values() if "collective" in pt and "done" in pt]
+    coll = max(times) if times else float("nan")
+    nbytes = count * 4
+    ok = rec.end_reason == "completed" and not rec.errors
+    return {"ranks": n, "wall_s": wall, "events": events[0], "effects": rec.stats["effects"],
+            "writes": rec.stats["writes"], "chunks": -(-nbytes // chunk_bytes(n)), "coll_s": coll,
+            "busbw": 2 * (n - 1) / n * nbytes / coll if coll > 0 else float("nan"),
+            "links": link_rates(sc.topology), "ok": ok, "end": rec.end_reason}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 512])
+    ap.add_argument("--count", type=int, default=COUNT, help=f"int32 elements per rank (default {COUNT} = 64 MiB)")
+    ap.add_argument("--profile", action="store_true", help="cProfile each run (top 25 by own time, to stderr)")
+    args = ap.parse_args(argv)
+    print(f"allreduce of {args.count:,} int32 ({args.count * 4 / 2**20:g} MiB) per rank, data: sizes")
+    print(f"{'ranks':>6} {'wall s':>8} {'events':>11} {'effects':>11} {'events/s':>10} {'chunks':>7} {'writes':>11} "
+          f"{'collective':>12} {'busbw GB/s':>11}  link rates / result")
+    failed = False
+    with tempfile.TemporaryDirectory() as d:
+        for n in args.sizes:
+            r = run_sim(n, args.count, Path(d), args.profile)
+            failed |= not r["ok"]
+            print(f"{r['ranks']:>6} {r['wall_s']:>8.2f} {r['events']:>11,} {r['effects']:>11,} "
+                  f"{r['events'] / r['wall_s']:>10,.0f} {r['chunks']:>7,} {r['writes']:>11,} "
+                  f"{r['coll_s'] * 1e3:>9.3f} ms {r['busbw'] / 1e9:>11.1f}  {r['links']}; "
+                  f"{'completed' if r['ok'] else 'FAILED: ' + r['end']}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

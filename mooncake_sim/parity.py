@@ -1,0 +1,201 @@
+"""``mooncake-sim parity SCENARIO``: run one scenario in both worlds and compare their canonical traces.
+
+The simulator runs in this process; real mode runs as a subprocess, ``python -m mooncake_real.cli run
+SCENARIO --json --trace FILE`` (so ``mooncake_sim`` never imports ``mooncake_real``). Both traces and
+outcome JSONs go through :func:`mooncake_protocol.canonical.canonical`; the command prints ``equal`` or the
+first divergence per rank side by side (:func:`mooncake_protocol.canonical.diff`).
+
+Exit status: 0 equal, 1 different (or real mode failed without a verdict), 2 bad input or a scenario
+this machine cannot realise (real mode's one line is passed through).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mooncake_protocol
+from mooncake_protocol.canonical import canonical, diff
+from mooncake_protocol.errors import InputError
+from mooncake_protocol.outcome import evaluate
+from mooncake_protocol.scenario import load_scenario
+
+from .driver import Calibration, simulate
+from .runner import load_calibration, write_trace
+
+#: Exit status of ``mooncake-real run`` when the machine cannot realise the scenario (or bad input).
+UNREALISABLE = 2
+
+
+@dataclass
+class ParityResult:
+    scenario: str
+    status: str  # equal | differ | unrealisable | real-failed
+    sim: dict[str, Any] = field(default_factory=dict)  # the sim outcome JSON
+    real: dict[str, Any] = field(default_factory=dict)  # the real outcome JSON
+    canonical_sim: dict[str, Any] = field(default_factory=dict)
+    canonical_real: dict[str, Any] = field(default_factory=dict)
+    diff: list[str] = field(default_factory=list)
+    message: str = ""  # real mode's line (unrealisable) or its stderr tail (failed)
+
+    @property
+    def equal(self) -> bool:
+        return self.status == "equal"
+
+    @property
+    def exit_code(self) -> int:
+        return {"equal": 0, "unrealisable": 2}.get(self.status, 1)
+
+    def ratios(self) -> dict[str, float | None]:
+        """Simulated over measured time per phase (None where a side has no such phase)."""
+        ps, pr = self.sim.get("phase_times_s") or {}, self.real.get("phase_times_s") or {}
+        return {ph: (ps[ph] / pr[ph] if ph in ps and pr.get(ph) else None) for ph in sorted(set(ps) | set(pr), key=_phase_key)}
+
+    def to_json(self) -> dict[str, Any]:
+        def brief(o: dict[str, Any]) -> dict[str, Any]:
+            keys = ("verdict", "cause", "phase", "phase_times_s", "sim_time_s", "wall_s", "matches_expect")
+            return {k: o.get(k) for k in keys}
+
+        return {"scenario": self.scenario, "status": self.status, "equal": self.equal, "message": self.message,
+                "sim": brief(self.sim), "real": brief(self.real), "ratios": self.ratios(), "diff": self.diff,
+                "canonical": {"sim": self.canonical_sim, "real": self.canonical_real}}
+
+
+def _phase_key(ph: str) -> int:
+    from mooncake_protocol.trace import PHASES
+
+    return PHASES.index(ph) if ph in PHASES else len(PHASES)
+
+
+def read_trace(path: str | Path) -> list[dict[str, Any]]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                out.append(json.loads(line))
+    return out
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(mooncake_protocol.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_real(scenario_path: str, trace_path: str, *, deadline_s: float | None = None,
+             timeout_s: float | None = None) -> tuple[int, dict[str, Any] | None, str]:
+    """``mooncake-real run`` as a subprocess: (exit status, outcome JSON or None, stderr)."""
+    cmd = [sys.executable, "-m", "mooncake_real.cli", "run", scenario_path, "--json", "--trace", trace_path]
+    if deadline_s is not None:
+        cmd += ["--deadline", str(deadline_s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(), timeout=timeout_s, check=False)
+    outcome = None
+    for line in reversed(proc.stdout.splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                outcome = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            break
+    return proc.returncode, outcome, proc.stderr
+
+
+def run_sim(scenario: Any, trace_path: str, calibration: Calibration | None = None) -> dict[str, Any]:
+    """The simulator in this process; writes the trace as ``mooncake-sim run --trace`` does; the outcome JSON."""
+    rec = simulate(scenario, record_effects=True, calibration=calibration)
+    write_trace(trace_path, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
+    out: dict[str, Any] = evaluate(rec, scenario).to_json()
+    return out
+
+
+def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: float | None = None,
+           trace_dir: str | None = None, timeout_s: float | None = None) -> ParityResult:
+    """Run scenario ``ref`` (bundled name or path) in both worlds and compare the canonical forms."""
+    scenario = load_scenario(ref)
+    path = str(Path(scenario.source).resolve())
+    need = scenario.realisable
+    if not need.cpu and not need.gpus and need.hosts <= 1 and not need.mnnvl and not need.rdma:
+        return ParityResult(scenario.name, "unrealisable", message=(
+            f"{scenario.source}: cannot run for real: the scenario says realisable.cpu is false (it depends on "
+            "timing a real process cannot reproduce); run it in the simulator (mooncake-sim run) instead"))
+    tmp = None
+    if trace_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="mooncake-parity-")
+        where = Path(tmp.name)
+    else:
+        where = Path(trace_dir)
+        where.mkdir(parents=True, exist_ok=True)
+    try:
+        real_trace, sim_trace = str(where / "real.trace.jsonl"), str(where / "sim.trace.jsonl")
+        rc, real_out, err = run_real(path, real_trace, deadline_s=deadline_s, timeout_s=timeout_s)
+        if rc == UNREALISABLE:
+            lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+            return ParityResult(scenario.name, "unrealisable", message=lines[-1] if lines else "mooncake-real: exit 2")
+        if real_out is None or not Path(real_trace).exists():
+            tail = "\n".join(err.strip().splitlines()[-8:])
+            return ParityResult(scenario.name, "real-failed", message=f"mooncake-real run exited {rc} without a result: {tail}")
+        sim_out = run_sim(scenario, sim_trace, calibration)
+        cs = canonical(read_trace(sim_trace), sim_out)
+        cr = canonical(read_trace(real_trace), real_out)
+        d = diff(cs, cr, ("sim", "real"))
+        if trace_dir is not None:
+            (where / "sim.outcome.json").write_text(json.dumps(sim_out, indent=1))
+            (where / "real.outcome.json").write_text(json.dumps(real_out, indent=1))
+            (where / "sim.canonical.json").write_text(json.dumps(cs, indent=1))
+            (where / "real.canonical.json").write_text(json.dumps(cr, indent=1))
+        return ParityResult(scenario.name, "equal" if not d else "differ", sim_out, real_out, cs, cr, d)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def format_parity(p: ParityResult) -> str:
+    if p.status == "unrealisable":
+        return p.message
+    if p.status == "real-failed":
+        return f"{p.scenario}: {p.message}"
+    lines = [f"{p.scenario}: {'equal' if p.equal else 'DIFFERENT'}"]
+    w = ("verdict", "cause", "phase")
+    for side, o in (("sim", p.sim), ("real", p.real)):
+        lines.append(f"  {side:<5} " + "  ".join(f"{k} {o.get(k) or '-'}" for k in w))
+    ratios = p.ratios()
+    if ratios:
+        ps, pr = p.sim.get("phase_times_s") or {}, p.real.get("phase_times_s") or {}
+        parts = []
+        for ph, r in ratios.items():
+            s_t, r_t = ps.get(ph), pr.get(ph)
+            parts.append(f"{ph} {_ms(s_t)}/{_ms(r_t)}" + (f" = {r:.2f}" if r is not None else ""))
+        lines.append("  time  simulated/measured: " + ", ".join(parts))
+    if p.diff:
+        lines.append("  first divergences (sim | real):")
+        for block in p.diff:
+            lines += ["  " + ln for ln in block.splitlines()]
+    return "\n".join(lines)
+
+
+def _ms(t: float | None) -> str:
+    return "-" if t is None else f"{t * 1e3:.1f}ms"
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    calibration = load_calibration(args.calibration) if args.calibration else None
+    if args.deadline is not None and args.deadline <= 0:
+        raise InputError("--deadline", "", "must be a positive number of seconds")
+    p = parity(args.scenario, calibration=calibration, deadline_s=args.deadline, trace_dir=args.keep)
+    if args.json:
+        print(json.dumps(p.to_json()))
+    elif p.status == "unrealisable":
+        print(p.message, file=sys.stderr)
+    else:
+        print(format_parity(p))
+    return p.exit_code

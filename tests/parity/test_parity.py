@@ -1,0 +1,110 @@
+"""Parity: a scenario this machine can realise tells the same story in the simulator and for real.
+
+Every bundled scenario with ``realisable.cpu`` true, no GPUs and one host runs in both modes
+(``mooncake_sim.parity.parity``: the simulator in-process, ``mooncake-real run`` as a subprocess) and
+must give the same canonical trace, verdict and cause, failure scenarios included. GPU scenarios
+(marked ``gpu``) need CuPy and a CUDA device. Timing is not checked here (benchmarks/parity_report.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mooncake_protocol.resources import bundled_names
+from mooncake_protocol.scenario import load_scenario
+from mooncake_sim.parity import parity
+
+
+def _cpu_realisable() -> list[object]:
+    out: list[object] = []
+    for name in bundled_names("scenarios"):
+        r = load_scenario(name).realisable
+        if r.cpu and r.gpus == 0 and r.hosts == 1 and not r.mnnvl and not r.rdma:
+            out.append(name)
+        else:
+            why = ("realisable.cpu is false" if not r.cpu else f"needs {r.gpus} GPU(s)" if r.gpus
+                   else f"needs {r.hosts} hosts")
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"not realisable on a CPU-only machine: {why}")))
+    return out
+
+
+GPU_SCENARIOS = ("lazy-kernel-load-1gpu", "lazy-kernel-load-1gpu-fixed", "host-region-gpu-label-1gpu",
+                 "host-region-gpu-label-1gpu-fixed", "cuda-collectives-1gpu")
+
+
+def _check(name: str) -> None:
+    p = parity(name, timeout_s=100)
+    assert p.status != "unrealisable", p.message
+    assert p.status != "real-failed", p.message
+    assert p.sim["verdict"] == p.real["verdict"], (p.sim["verdict"], p.real["verdict"])
+    assert p.sim["cause"] == p.real["cause"], (p.sim["cause"], p.real["cause"])
+    assert p.equal, "canonical traces differ:\n" + "\n".join(p.diff)
+    assert p.sim["matches_expect"] and p.real["matches_expect"], (p.sim.get("mismatches"), p.real.get("mismatches"))
+
+
+@pytest.mark.timeout(110)
+@pytest.mark.parametrize("name", _cpu_realisable())
+def test_cpu_parity(name: str) -> None:
+    _check(name)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("name", GPU_SCENARIOS)
+def test_gpu_parity(name: str) -> None:
+    _check(name)
+
+
+@pytest.mark.timeout(60)
+def test_parity_cli_exit_2_passes_real_modes_line_through() -> None:
+    """A scenario this machine cannot realise (MNNVL): exit 2 with real mode's one line."""
+    proc = subprocess.run([sys.executable, "-m", "mooncake_sim.cli", "parity", "host-region-on-fabric"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "cannot run for real" in lines[0] and "MNNVL" in lines[0], proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_parity_cli_timing_dependent_scenario_is_unrealisable() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mooncake_sim.cli", "parity", "p2p-lane-reset", "--json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["status"] == "unrealisable"
+
+
+@pytest.mark.timeout(60)
+def test_parity_cli_equal(tmp_path: object) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mooncake_sim.cli", "parity", "real-cpu-bootstrap-2"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0] == "real-cpu-bootstrap-2: equal"
+
+
+def test_calibration_fields_match_the_simulator() -> None:
+    import dataclasses
+
+    from mooncake_real.calibrate import SIM_FIELDS
+    from mooncake_sim.driver import Calibration
+
+    assert tuple(f.name for f in dataclasses.fields(Calibration)) == SIM_FIELDS
+
+
+@pytest.mark.timeout(60)
+def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from mooncake_sim.runner import load_calibration
+
+    out = Path(str(tmp_path)) / "cal.json"
+    proc = subprocess.run([sys.executable, "-m", "mooncake_real.cli", "calibrate", "--quick", "--no-gpu", "-o", str(out)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["measured"]["store_ping_rtt_s"] > 0 and data["measured"]["Now_s"] > 0
+    cal = load_calibration(str(out))
+    assert cal.effect_cpu_s > 0 and cal.store_one_way_s is not None and cal.host_cpus

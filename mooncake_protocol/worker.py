@@ -125,6 +125,10 @@ class Slot:
     seq_seen: int = -1
     callback: Any = None  # CPU path: the caller's continuation, run at DONE
     stale_reported: bool = False
+    #: (batch, state, j): peers before j were found done by :meth:`Worker._progress_possible` in this batch and
+    #: state. Completion is final within a batch (statuses never return to pending; flags stay set until
+    #: DONE), so the next evaluation resumes at j instead of re-reading every peer.
+    ready_prefix: tuple[int | None, SlotState, int] = (None, SlotState.IDLE, 0)
 
 
 class Worker:
@@ -173,6 +177,7 @@ class Worker:
         """Whether a worker pass could change anything now. It mirrors :meth:`step` (same per-peer reading of
         task ids and statuses), so the simulator can sleep until it holds instead of busy-polling."""
         engine = self.proc.engine
+        seen: dict[int, tuple[str, ...]] = {}
         for s in self.slots:
             if s.state in (SlotState.IDLE, SlotState.DONE):
                 if self._active_flag(reader, s.index) == ACTIVE_SET:
@@ -189,7 +194,8 @@ class Worker:
             if s.state is SlotState.SIGNALED_1:
                 flags = reader.read(b.regions[f"recv_sync{s.task.parity}"].rid, 0, 4 * b.env.size)
             ready = True
-            for j in range(b.env.size):
+            start = s.ready_prefix[2] if s.ready_prefix[:2] == (s.batch, s.state) else 0
+            for j in range(start, b.env.size):
                 if not b.active[j]:
                     continue
                 idx = s.ids[j]
@@ -203,11 +209,18 @@ class Worker:
                 if st is None and r.driver is None and (r.crossed or (r.awaiting and engine.endpoint_state(r) != "connecting")):
                     return True  # the endpoint handshake ended: the engine can post or fail it
                 if st is None:
-                    st = "pending" if r.driver is None else reader.status(r.driver[0])[r.driver[1]]
+                    if r.driver is None:
+                        st = "pending"
+                    else:  # one status read per driver batch, not one per peer (a batch has a peer's worth)
+                        sts = seen.get(r.driver[0])
+                        if sts is None:
+                            sts = seen[r.driver[0]] = reader.status(r.driver[0])
+                        st = sts[r.driver[1]]
                 if st.startswith("failed"):
                     return True
                 if st != "completed" or (flags and flags[4 * j:4 * j + 4] != b"\x01\0\0\0"):
                     ready = False
+                    s.ready_prefix = (s.batch, s.state, j)
                     break
             if ready:
                 return True

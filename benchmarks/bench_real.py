@@ -96,7 +96,10 @@ def run_real(scenario: Path, timeout: float = 300.0, trace: Path | None = None) 
     except ValueError:
         raise RuntimeError(f"mooncake-real run failed (exit {p.returncode}): {p.stderr[-2000:]}") from None
     if not out.get("matches_expect"):
-        raise RuntimeError(f"{scenario.name}: {out.get('verdict')} {out.get('cause')}: {out.get('mismatches')}")
+        blocked = "; ".join(f"rank {b['rank']} {b['activity']}: {b['effect']}: {b['what']}" for b in out.get("blocked", [])[:6])
+        raise RuntimeError(f"{scenario.name}: {out.get('verdict')} {out.get('cause')}: {out.get('mismatches')}\n"
+                           f"  diagnosis: {out.get('diagnosis', {}).get('explanation')}\n  phases: "
+                           f"{out.get('phase_times_s')}\n  blocked: {blocked}")
     return wall, out
 
 

@@ -307,7 +307,9 @@ class Worker:
             self._set(s, SlotEvent.TASK_NO_DATA)
             return
         if b.env.policy.reset_task_ids:
-            s.ids = [INVALID_TASK_ID] * 64
+            s.ids = [INVALID_TASK_ID] * max(64, b.env.size)
+        elif len(s.ids) < b.env.size:  # kMaxNumRanks entries; more only with max_group_size raised
+            s.ids += [GARBAGE_TASK_ID] * (b.env.size - len(s.ids))
         reqs: list[Request] = []
         send = b.regions[f"send{task.parity}"]
         for j in range(b.env.size):
@@ -366,7 +368,9 @@ class Worker:
         assert s.task is not None
         me = b.env.rank
         if b.env.policy.reset_task_ids:
-            s.ids = [INVALID_TASK_ID] * 64
+            s.ids = [INVALID_TASK_ID] * max(64, b.env.size)
+        elif len(s.ids) < b.env.size:  # kMaxNumRanks entries; more only with max_group_size raised
+            s.ids += [GARBAGE_TASK_ID] * (b.env.size - len(s.ids))
         reqs: list[Request] = []
         flag_src = b.regions[f"send_sync{s.task.parity}"]
         yield fx.WriteMem(flag_src.rid, 0, (1).to_bytes(4, "little"))

@@ -112,7 +112,6 @@ def check_realisable(need: Any, source: str = "scenario", machine: MachineFacts 
     ``need`` has the fields of :class:`mooncake_protocol.scenario.Realisable`: ``cpu``, ``gpus``,
     ``mnnvl``, ``rdma``, ``hosts``.
     """
-    m = machine or MachineFacts.probe()
     missing = []
     hosts = int(getattr(need, "hosts", 1) or 1)
     if hosts > 1:
@@ -122,6 +121,8 @@ def check_realisable(need: Any, source: str = "scenario", machine: MachineFacts 
     if getattr(need, "rdma", False):
         missing.append("RDMA between hosts")
     gpus = int(getattr(need, "gpus", 0) or 0)
+    # probe the GPUs only when the scenario needs some: importing CuPy and starting CUDA takes seconds
+    m = machine or (MachineFacts.probe() if gpus > 0 else MachineFacts(gpus=0, hostname=socket.gethostname()))
     if gpus > m.gpus:
         missing.append(f"{gpus} GPU(s), this machine has {m.gpus}" + ("" if m.gpus else " (no CuPy or no CUDA device)"))
     if missing:

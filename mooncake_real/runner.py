@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .launcher import Faults, JobResult, check_realisable, launch, write_trace
+from .launcher import Faults, JobResult, check_realisable, launch
 
 #: ``mooncake-real run`` with no scenario runs this bundled CPU scenario (no GPU needed).
 DEFAULT_SCENARIO = "real-cpu-allreduce"
@@ -182,8 +182,22 @@ def run_outcome(scenario: Any, *, trace: str | None = None, deadline_s: float | 
     result = run_job(scenario, deadline_s=deadline_s, keep_job_dir=keep_job_dir)
     rec = run_record(result, scenario, wall_s=time.perf_counter() - wall0)
     if trace is not None:
-        write_trace(result, trace)
+        write_run_trace(trace, rec)
     return evaluate(rec, scenario), result
+
+
+def write_run_trace(path: str, rec: Any) -> None:
+    """``--trace FILE``: the format of ``mooncake-sim run --trace`` (records by time, then the blocked ones)."""
+    records = sorted(rec.effects + rec.marks, key=lambda r: (r.get("t0", r.get("t", 0.0)), r["rank"]))
+    out = sys.stdout if path == "-" else open(path, "w", encoding="utf-8")
+    try:
+        for r in records:
+            out.write(json.dumps(r, sort_keys=True, default=repr) + "\n")
+        for b in rec.blocked:
+            out.write(json.dumps({"type": "blocked", **b.to_json()}, sort_keys=True) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
 
 
 def cmd_run(args: Any) -> int:

@@ -115,7 +115,12 @@ class StoreServer:
 
     # ------------------------------------------------------------------ server loop
     def _serve(self) -> None:
-        import zmq
+        try:
+            import zmq
+        except ImportError as exc:  # reported by start() at once, not as a start-up timeout
+            self._error = StoreError(f"real mode needs pyzmq: {exc}")
+            self._ready.set()
+            return
 
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)

@@ -174,7 +174,13 @@ class TransferEngine:
         if w.transport == "nvlink":
             if self.gpu is None or not self.gpu.available:
                 return "no-ipc-handle"
-            ptr = self._ipc_ptr(w.dst_server, split_addr(w.dst_addr).rid)
+            rid = split_addr(w.dst_addr).rid
+            if w.dst_owner == self.rank:
+                # a process cannot open its own IPC handle (cudaIpcOpenMemHandle: invalid device context);
+                # TENT copies to its own memory directly
+                ptr: int | None = self.table.ptr(rid)
+            else:
+                ptr = self._ipc_ptr(w.dst_server, rid)
             if ptr is None:
                 return "no-ipc-handle"
             self.gpu.copy_ptr(ptr + offset, self.table.ptr(w.src_rid) + w.src_offset, w.length)

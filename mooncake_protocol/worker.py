@@ -239,6 +239,7 @@ class Worker:
     def run(self) -> Activity:
         policy = self.proc.env.policy
         idle_passes = 0
+        last_idle_t = -1.0
         while True:
             progressed = False
             for s in self.slots:
@@ -247,9 +248,12 @@ class Worker:
             if progressed:
                 idle_passes = 0
                 continue
-            idle_passes += 1
+            now = yield fx.Now()
+            idle_passes = idle_passes + 1 if now == last_idle_t else 0
+            last_idle_t = now
             if idle_passes > 2:
-                # the real worker busy-polls; a pass that changes nothing costs time, never zero
+                # passes that change nothing at one instant: the real worker busy-polls, and a pass costs
+                # time, never zero (this keeps a simulated worker from spinning in place)
                 yield fx.Sleep(PING_AFTER_S)
             if self._busy():
                 timeout = PROBE_INTERVAL_S if policy.liveness_probe else PING_AFTER_S

@@ -77,11 +77,13 @@ class TransferModel:
             if failure is not None:
                 self._fail_later(bid, i, failure, FAIL_LATENCY_S)
                 continue
-            for e in edges:
-                self.link_flows[e] += 1
             if cuda is not None:
+                # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
+                # links then, at the rate they have then (queued copies do not share bandwidth yet)
                 self._via_gpu(r, bid, i, w, payload, edges, delay, cuda)
             else:
+                for e in edges:
+                    self.link_flows[e] += 1
                 groups[env.now + delay].append((i, w, payload, edges))
         for t, items in groups.items():
             ev = env.timeout(t - env.now)
@@ -130,7 +132,7 @@ class TransferModel:
             region.write(parts.offset, payload)
         return True
 
-    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float] | None]:
+    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float, float] | None]:
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
@@ -154,11 +156,13 @@ class TransferModel:
         failure = write_failure(w.transport, target, r.env.host == owner.env.host, path_reason)
         if failure is not None or not isinstance(p, topo.Path):
             return 0.0, failure or "no-path", b"", (), None
-        edges = tuple(tuple(sorted(h)) for h in p.hops)  # type: ignore[misc]
-        rate = p.bandwidth_Bps
-        for e in edges:
-            bw = sim.topology.graph.edges[e]["bandwidth_Bps"]
-            rate = min(rate, bw / (self.link_flows[e] + 1))
+        if w.transport in ("nvlink", "mnnvl") and p.hops:
+            # a GPU's NVLink ports act as one pipe per direction (18 links over the switches): the shared
+            # resources are the sender's egress and the receiver's ingress, each at the path's bandwidth
+            edges: tuple[tuple[str, str], ...] = ((p.hops[0][0], "nvlink-out"), ("nvlink-in", p.hops[-1][1]))
+        else:
+            edges = tuple(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
+        cap = p.bandwidth_Bps
         if w.transport == "rdma":
             lat = p.latency_s + sim.rdma_overhead_s
         else:
@@ -168,24 +172,40 @@ class TransferModel:
             c_lat = getattr(cal, f"{w.transport}_latency_s")
             c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
             lat = lat if c_lat is None else c_lat
-            rate = rate if not c_bw else c_bw
-        delay = lat + w.length / rate
+            cap = cap if not c_bw else c_bw
+        delay = lat + w.length / self._rate(edges, cap)
         # sizes mode moves only lengths; small control words (flags) are always carried exactly
         payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
         cuda = None
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":
-                cuda = ("transfer", delay)
+                cuda = ("transfer", lat, cap)
             elif w.transport == "mnnvl" and w.length < MNNVL_SYNC_LIMIT:
-                cuda = ("legacy", delay)
+                cuda = ("legacy", lat, cap)
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
-                cuda = ("legacy", delay)
+                cuda = ("legacy", lat, cap)
         return delay, None, payload, edges, cuda
 
+    def _rate(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
+        """The fair share a new flow gets: the bottleneck over its links given the flows already on them."""
+        rate = cap
+        graph = self.sim.topology.graph
+        for e in edges:
+            bw = graph.edges[e]["bandwidth_Bps"] if graph.has_edge(*e) else cap
+            rate = min(rate, bw / (self.link_flows[e] + 1))
+        return rate
+
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
-                 edges: tuple[tuple[str, str], ...], delay: float, cuda: tuple[str, float]) -> None:
-        stream, duration = cuda
+                 edges: tuple[tuple[str, str], ...], delay: float, cuda: tuple[str, float, float]) -> None:
+        stream, lat, cap = cuda
         ctx = self.sim.gpu.context(r.env.rank)
-        op = Op("memcpy", stream, duration, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
+        op = Op("memcpy", stream, delay, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
+
+        def start() -> None:
+            op.duration = lat + w.length / self._rate(edges, cap)
+            for e in edges:
+                self.link_flows[e] += 1
+
+        op.on_start = start
         op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])
         ctx.enqueue(op)

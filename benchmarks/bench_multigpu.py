@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         sim = run_one(sc)
         real, _ = run_outcome(sc)
 
-        def busbw(o: Any) -> float:
+        def busbw(o: Any, size: int = size) -> float:
             t = o.phase_times_s.get("collective", 0.0)
             return 2 * (n - 1) / n * size / t / 1e9 if t > 0 and o.verdict == "completed" else float("nan")
 

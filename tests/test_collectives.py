@@ -19,7 +19,7 @@ from mooncake_protocol.reduce import (
     unsupported_reason,
 )
 from mooncake_protocol.scenario import load_scenario
-from mooncake_protocol.worker import SLOT_TRANSITIONS, SlotEvent, SlotState, Task, Op, slot_transition
+from mooncake_protocol.worker import SLOT_TRANSITIONS, Op, SlotEvent, SlotState, Task, slot_transition
 from mooncake_sim.runner import run_one
 
 

@@ -696,11 +696,6 @@ def run_rank(spec: RankSpec) -> int:
     for p in spec.pythonpath:
         if p not in sys.path:
             sys.path.insert(0, p)
-    # Every job starts with no CuPy module cached on disk, so each rank process really loads (compiles and
-    # loads, tens of ms) a kernel at its first launch, as a fresh process of the backend does. With a warm
-    # disk cache the load can finish before the spin kernel is resident, which hides the lazy-loading
-    # hazard on some runs and not on others.
-    os.environ.setdefault("CUPY_CACHE_DIR", str(Path(spec.job_dir) / "cupy-cache"))
     driver = RankDriver(spec)
     stop = threading.Event()
     wd = threading.Thread(target=driver.watchdog, args=(stop,), name="watchdog", daemon=True)

@@ -236,6 +236,27 @@ class KernelCache:
         self.loaded.add(name)
 
 
+def warm_disk_cache() -> int:
+    """Compile every kernel of the backend into CuPy's disk cache, in this (launcher) process.
+
+    The real backend ships compiled kernels: its lazy loading only *loads* a module at first launch, which
+    takes milliseconds and starts right behind the spin kernel. A rank process that first had to run NVRTC
+    for tens of milliseconds would load the module only after the exchange finished and hide the hazard.
+    So the launcher compiles once; rank processes then find the cubins on disk and load them lazily, as
+    the backend does. Returns the number of kernels compiled (0 without CuPy).
+    """
+    cp = cupy_or_none()
+    if cp is None:
+        return 0
+    from mooncake_protocol.reduce import all_reduce_kernels
+
+    cache = KernelCache(cp)
+    names = ("spin", *all_reduce_kernels())
+    for name in names:
+        cache.load(name)
+    return len(names)
+
+
 @dataclass
 class SpinRecord:
     table_rid: int

@@ -277,6 +277,10 @@ def launch(
 
     try:
         with _interrupts_as_keyboardinterrupt():
+            if gpus is not None and any(g is not None for g in gpus):
+                from .gpu import warm_disk_cache
+
+                event("kernels_compiled", count=warm_disk_cache())  # ranks then only load them, lazily
             store = StoreServer(token, host=host, delay_s=faults.store_delay_s).start()
             for port in faults.hold_ports:
                 b = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

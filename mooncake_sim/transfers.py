@@ -36,6 +36,7 @@ SMALL_PAYLOAD = 64
 class BatchState:
     statuses: list[str]
     owner: int
+    pending: int = 0
 
 
 @dataclass
@@ -67,7 +68,7 @@ class TransferModel:
     def submit(self, r: SimRank, writes: tuple[fx.WriteReq, ...]) -> int:
         bid = self.next_id
         self.next_id += 1
-        state = BatchState(["pending"] * len(writes), r.env.rank)
+        state = BatchState(["pending"] * len(writes), r.env.rank, len(writes))
         self.batches[bid] = state
         groups: dict[float, list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]] = defaultdict(list)
         env = self.sim.env
@@ -97,6 +98,7 @@ class TransferModel:
             b = self.batches.get(bid)
             if b is not None:
                 b.statuses[i] = f"failed:{failure}"
+                b.pending -= 1
                 self.sim.dirty(b.owner)
 
         ev.callbacks.append(fail)
@@ -104,18 +106,23 @@ class TransferModel:
     def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]) -> None:
         b = self.batches.get(bid)
         touched = set()
+        failed = False
         for i, w, payload, edges in items:
             for e in edges:
                 self.link_flows[e] -= 1
+            if b is not None:
+                b.pending -= 1
             if not self._deliver(w, payload):
                 if b is not None:
                     b.statuses[i] = "failed:peer-dead"
+                    failed = True
                 continue
             touched.add(w.dst_owner)
             self.bytes_moved += w.length
             if b is not None:
                 b.statuses[i] = "completed"
-        if b is not None:
+        # the submitter's waits look at whole batches: wake it when the batch has settled or something failed
+        if b is not None and (b.pending <= 0 or failed):
             self.sim.dirty(b.owner)
         for o in touched:
             self.sim.dirty(o)

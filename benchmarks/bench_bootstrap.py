@@ -16,15 +16,12 @@ override. Targets on a 2-core machine: 64 ranks under 5 s, 512 under 60 s.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import simpy
+from _simrun import timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from mooncake_protocol.scenario import load_scenario
 from mooncake_sim.driver import Simulation
@@ -77,27 +74,9 @@ def scenario_file(n: int, tmp: Path) -> Path:
 def run_sim(n: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
     sc = load_scenario(str(scenario_file(n, tmp)))
     sim = Simulation(sc)
-    env = sim.env
-    count = [0]
-    step = env.step
-
-    def counted_step() -> None:
-        count[0] += 1
-        step()
-
-    env.step = counted_step  # type: ignore[method-assign]
-    prof = cProfile.Profile() if profile else None
-    t0 = time.perf_counter()
-    if prof:
-        prof.enable()
-    rec = sim.run()
-    if prof:
-        prof.disable()
-    wall = time.perf_counter() - t0
-    if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    rec, wall, n_events = timed_run(sim, profile)
     ok = rec.end_reason == "completed" and not rec.errors
-    return {"ranks": n, "wall_s": wall, "events": count[0], "effects": rec.stats["effects"],
+    return {"ranks": n, "wall_s": wall, "events": n_events, "effects": rec.stats["effects"],
             "store_ops": rec.stats["store_ops"], "sim_s": rec.sim_time_s, "ok": ok, "end": rec.end_reason}
 
 
@@ -110,17 +89,16 @@ def bare_simpy(procs: int = 1000, timeouts: int = 1000) -> tuple[int, float]:
 
     for _ in range(procs):
         env.process(proc(env))
-    count = [0]
-    step = env.step
 
-    def counted_step() -> None:
-        count[0] += 1
-        step()
+    class Bare:  # what timed_run needs of a simulation
+        def __init__(self) -> None:
+            self.env = env
 
-    env.step = counted_step  # type: ignore[method-assign]
-    t0 = time.perf_counter()
-    env.run()
-    return count[0], time.perf_counter() - t0
+        def run(self) -> None:
+            env.run()
+
+    _, wall, events = timed_run(Bare())
+    return events, wall
 
 
 def main(argv: list[str] | None = None) -> int:

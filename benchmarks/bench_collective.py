@@ -22,13 +22,11 @@ about 1.1e9 WRITEs; at the simulator's rate (~1e5 to 1e6 per second) that is hou
 from __future__ import annotations
 
 import argparse
-import cProfile
-import pstats
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+from _simrun import timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from mooncake_protocol import topology as topo
 from mooncake_protocol.collectives import chunk_bytes
@@ -101,30 +99,12 @@ def link_rates(t: topo.Topology) -> str:
 def run_sim(n: int, count: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
     sc = load_scenario(str(scenario_file(n, count, tmp)))
     sim = Simulation(sc)
-    env = sim.env
-    events = [0]
-    step = env.step
-
-    def counted_step() -> None:
-        events[0] += 1
-        step()
-
-    env.step = counted_step  # type: ignore[method-assign]
-    prof = cProfile.Profile() if profile else None
-    t0 = time.perf_counter()
-    if prof:
-        prof.enable()
-    rec = sim.run()
-    if prof:
-        prof.disable()
-    wall = time.perf_counter() - t0
-    if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    rec, wall, n_events = timed_run(sim, profile)
     times = [pt["done"] - pt["collective"] for pt in rec.phase_times.values() if "collective" in pt and "done" in pt]
     coll = max(times) if times else float("nan")
     nbytes = count * 4
     ok = rec.end_reason == "completed" and not rec.errors
-    return {"ranks": n, "wall_s": wall, "events": events[0], "effects": rec.stats["effects"],
+    return {"ranks": n, "wall_s": wall, "events": n_events, "effects": rec.stats["effects"],
             "writes": rec.stats["writes"], "chunks": -(-nbytes // chunk_bytes(n)), "coll_s": coll,
             "busbw": 2 * (n - 1) / n * nbytes / coll if coll > 0 else float("nan"),
             "links": link_rates(sc.topology), "ok": ok, "end": rec.end_reason}

@@ -207,14 +207,16 @@ def evaluate(rec: RunRecord, scenario: Any) -> Outcome:
     if exp.verdict == "completed" and exp.cause is None:
         mismatches.extend(problems)
     if exp.active_ranks is not None:
+        # activeRanks as each listed rank sees it after its last collective (a dropped rank's own view is not
+        # the group's: it may not know it was dropped)
+        last: dict[str, tuple[str, Any]] = {}
         for rkey, per_rank in results.items():
             for r, v in per_rank.items():
-                if int(r) not in exp.active_ranks:
-                    continue  # a dropped rank's own view is not the group's (it may not know it was dropped)
-                act = v.get("active")
-                if act is not None and [i for i, x in enumerate(act) if x] != list(exp.active_ranks):
-                    mismatches.append(f"collective {rkey}: rank {r} active ranks {act}, expected {list(exp.active_ranks)}")
-                    break
+                last[r] = (rkey, v.get("active"))
+        for r, (rkey, act) in sorted(last.items()):
+            if int(r) in exp.active_ranks and act is not None \
+                    and [i for i, x in enumerate(act) if x] != list(exp.active_ranks):
+                mismatches.append(f"collective {rkey}: rank {r} active ranks {act}, expected {list(exp.active_ranks)}")
     return Outcome(
         scenario=scenario.name, mode=rec.mode, verdict=verdict, cause=cause, phase=phase,
         sim_time_s=rec.sim_time_s, wall_s=rec.wall_s, ranks=len(rec.envs), phase_times_s=_phase_times(rec),

@@ -370,8 +370,8 @@ def parse_scenario(data: dict[str, Any], file: str, default_name: str, base_dir:
 
     env = _env(r, data.get("env", {}))
     tent = _tent(r, data.get("tent", {}))
-    faults = _faults(r, data.get("faults", []), ranks, hosts(topo))
     workload = _workload(r, data.get("workload", []), ranks)
+    faults = _faults(r, data.get("faults", []), ranks, hosts(topo), len(workload))
     data_mode = r.choice(data.get("data", "values"), "data", ("values", "sizes"))
 
     dl = r.mapping(data.get("deadlines", {}), "deadlines", ("bootstrap_s", "collective_s", "stall_s"))
@@ -576,7 +576,7 @@ def _tent(r: InputReader, raw: Any) -> TentConfig:
     return TentConfig(transports, port, hostname)
 
 
-def _faults(r: InputReader, raw: Any, ranks: int, host_list: list[str]) -> tuple[Fault, ...]:
+def _faults(r: InputReader, raw: Any, ranks: int, host_list: list[str], n_collectives: int = 0) -> tuple[Fault, ...]:
     out: list[Fault] = []
     for j, item in enumerate(r.seq(raw, "faults", "fault entries")):
         fk = key_join("faults", j)
@@ -610,7 +610,13 @@ def _faults(r: InputReader, raw: Any, ranks: int, host_list: list[str]) -> tuple
             elif k == "address":
                 kw[k] = r.string(v, kk)
             elif k == "at":
-                kw[k] = r.choice(v, kk, PHASES)
+                # a phase, or "collective:N": as collective N (0-based) of the workload starts
+                if isinstance(v, str) and v.startswith("collective:") and v[11:].isdigit():
+                    if int(v[11:]) >= max(1, n_collectives):
+                        r.fail(kk, f"names collective {v[11:]} but the workload has {n_collectives}; count from 0")
+                    kw[k] = v
+                else:
+                    kw[k] = r.choice(v, kk, PHASES)
             elif k == "seconds":
                 kw[k] = r.positive(v, kk, "seconds")
             elif k == "ranks":

@@ -318,9 +318,12 @@ class RankDriver:
 
     def _mark(self, activity: str, m: fx.Mark) -> None:
         self.trace.write(tr.mark_record(self.rank, activity, self.now(), m))
-        if m.name != "phase":
+        if m.name == "collective_start":
+            phase: Any = f"collective:{dict(m.data).get('index')}"  # fault points "collective:N"
+        elif m.name == "phase":
+            phase = dict(m.data).get("phase")
+        else:
             return
-        phase = dict(m.data).get("phase")
         if phase is not None and phase == self.spec.kill_at_phase:
             if self.spec.kill_after_s > 0:
                 threading.Timer(self.spec.kill_after_s, self.kill_self).start()

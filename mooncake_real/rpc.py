@@ -193,6 +193,10 @@ class RpcServer:
             sock.close(0)
 
 
+#: How often a call waiting for its reply checks that the peer's port is still open.
+DEAD_PEER_CHECK_S = 0.1
+
+
 class RpcClient:
     """Calls peers. Connections are cached per thread and target."""
 
@@ -287,10 +291,18 @@ class RpcClient:
             sock.send_multipart(frames_out, zmq.NOBLOCK)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+            if left <= 0:
                 self._drop(target)
                 self.stats["timeout"] += 1
                 return RpcReply(False, b"", "timeout")
+            # wait in slices: a peer that died after taking the request never answers, and its closed port
+            # says so at once (the simulator answers such a call "refused" too)
+            if not sock.poll(max(1, int(min(left, DEAD_PEER_CHECK_S) * 1000)), zmq.POLLIN):
+                if self._probe(host, port, DEAD_PEER_CHECK_S) == "refused":
+                    self._drop(target)
+                    self.stats["refused"] += 1
+                    return RpcReply(False, b"", "refused")
+                continue
             frames = sock.recv_multipart()
             if len(frames) != 3:
                 self._drop(target)

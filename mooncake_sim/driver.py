@@ -271,6 +271,8 @@ class Simulation:
         self.marks.append(rec)
         if m.name not in NOISE_MARKS:
             self.last_progress = self.env.now
+        if m.name == "collective_start":
+            self._phase_faults(r, f"collective:{dict(m.data).get('index')}")
         if m.name == "phase":
             phase = dict(m.data).get("phase", "")
             if phase in PHASES and PHASES.index(phase) >= PHASES.index(r.phase):

@@ -100,7 +100,7 @@ def test_killed_rank_is_dropped_from_active_ranks():
     p = _cli("run", "real-cpu-kill-rank", "--json")
     out = json.loads(p.stdout)
     _assert_clean(out["stats"]["job_id"])
-    per = out["results"]["0:allreduce"]
+    per = out["results"]["1:allreduce"]
     assert sorted(per) == ["0", "1", "2"]
     assert all(v == {"output": [6], "active": [1, 1, 1, 0]} for v in per.values())
     assert out["stats"]["exit_codes"]["3"] == -9

@@ -310,10 +310,7 @@ class Worker:
             yield mark("task_phase", slot=s.index, op=task.op.name, phase="data", seq=task.seq, writes=0)
             self._set(s, SlotEvent.TASK_NO_DATA)
             return
-        if b.env.policy.reset_task_ids:
-            s.ids = [INVALID_TASK_ID] * max(64, b.env.size)
-        elif len(s.ids) < b.env.size:  # kMaxNumRanks entries; more only with max_group_size raised
-            s.ids += [GARBAGE_TASK_ID] * (b.env.size - len(s.ids))
+        self._prepare_ids(s, b)
         reqs: list[Request] = []
         send = b.regions[f"send{task.parity}"]
         for j in range(b.env.size):
@@ -368,13 +365,18 @@ class Worker:
         self._set(s, SlotEvent.DATA_DONE)
         return True
 
-    def _submit_sync(self, s: Slot, b: Backend) -> Activity:
-        assert s.task is not None
-        me = b.env.rank
+    @staticmethod
+    def _prepare_ids(s: Slot, b: Backend) -> None:
+        """Before building a batch: reset ``rankToTaskId`` to the sentinel (#1755), or leave it stale."""
         if b.env.policy.reset_task_ids:
             s.ids = [INVALID_TASK_ID] * max(64, b.env.size)
         elif len(s.ids) < b.env.size:  # kMaxNumRanks entries; more only with max_group_size raised
             s.ids += [GARBAGE_TASK_ID] * (b.env.size - len(s.ids))
+
+    def _submit_sync(self, s: Slot, b: Backend) -> Activity:
+        assert s.task is not None
+        me = b.env.rank
+        self._prepare_ids(s, b)
         reqs: list[Request] = []
         flag_src = b.regions[f"send_sync{s.task.parity}"]
         yield fx.WriteMem(flag_src.rid, 0, (1).to_bytes(4, "little"))

@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--policy", metavar="P", help="override the policy preset")
     r.add_argument("--trace", metavar="FILE", help="write the trace to FILE")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.add_argument("--quiet", action="store_true", help="no progress lines on stderr during a long run")
     r.add_argument("--calibration", metavar="FILE", help="timing constants measured in real mode")
     r.set_defaults(func=cmd_run)
 

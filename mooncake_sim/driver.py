@@ -126,7 +126,8 @@ _INSTANT_EFFECTS: frozenset[type] = frozenset({
 
 
 class Simulation:
-    def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None):
+    def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
+                 progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0):
         self.scenario = scenario
         self.topology: topo.Topology = scenario.topology
         self.cal = calibration or Calibration()
@@ -136,6 +137,9 @@ class Simulation:
         for r in self.ranks:
             r.reader = Reader(self, r)
         self.record_effects = record_effects
+        self.progress = progress
+        self.progress_every_s = progress_every_s
+        self._wall0 = self._last_report = time.perf_counter()
         self.marks: list[dict[str, Any]] = []
         self.effects: list[dict[str, Any]] = []
         self.network = Network(self.topology)
@@ -160,6 +164,17 @@ class Simulation:
                 self.network.hold(f.host, int(f.port), FOREIGN)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _report_progress(self) -> None:
+        """A line for a long run, at most every ``progress_every_s`` of wall time."""
+        now = time.perf_counter()
+        if self.progress is None or now - self._last_report < self.progress_every_s:
+            return
+        self._last_report = now
+        alive = [r for r in self.ranks if r.alive]
+        slowest = min((r.phase for r in alive), key=PHASES.index, default="-")
+        self.progress(f"... {self.env.now:.4f} s simulated, {self.effect_count:,} effects, "
+                      f"{now - self._wall0:.0f} s wall; slowest rank in phase {slowest}")
 
     def dirty(self, rank: int) -> None:
         """Something of ``rank`` may have changed: re-check its waiters."""
@@ -221,6 +236,8 @@ class Simulation:
                 error = exc
                 result = None
             self.effect_count += 1
+            if self.progress is not None and self.effect_count % 20000 == 0:
+                self._report_progress()
             if not coalesce:
                 yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
             if self.record_effects and not isinstance(eff, fx.Mark):
@@ -581,5 +598,5 @@ class Simulation:
 
 def simulate(scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
              progress: Callable[[str], None] | None = None) -> RunResult:
-    """Run one scenario in the simulator."""
-    return Simulation(scenario, record_effects=record_effects, calibration=calibration).run()
+    """Run one scenario in the simulator; ``progress`` gets a line every few seconds of a long run."""
+    return Simulation(scenario, record_effects=record_effects, calibration=calibration, progress=progress).run()

@@ -60,8 +60,14 @@ def with_policy(scenario: Any, preset: str, overrides: dict[str, Any] | None = N
     return dataclasses.replace(scenario, policy=policy, policy_name=name)
 
 
-def run_one(scenario: Any, *, trace: str | None = None, calibration: Calibration | None = None) -> Outcome:
-    rec = simulate(scenario, record_effects=trace is not None, calibration=calibration)
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def run_one(scenario: Any, *, trace: str | None = None, calibration: Calibration | None = None,
+            progress: bool = False) -> Outcome:
+    rec = simulate(scenario, record_effects=trace is not None, calibration=calibration,
+                   progress=_to_stderr if progress else None)
     if trace is not None:
         write_trace(trace, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
     return evaluate(rec, scenario)
@@ -122,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.policy not in PRESETS:
             raise InputError("--policy", "", f"unknown policy preset {args.policy!r}; use one of: {', '.join(PRESETS)}")
         scenario = with_policy(scenario, args.policy)
-    outcome = run_one(scenario, trace=args.trace, calibration=calibration)
+    outcome = run_one(scenario, trace=args.trace, calibration=calibration,
+                      progress=not args.json and not getattr(args, "quiet", False))
     if args.json:
         print(json.dumps(outcome.to_json()))
     else:

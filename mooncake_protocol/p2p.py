@@ -127,9 +127,7 @@ class P2PProxy:
         assert info is not None
         send_ring = self.regions["p2p_send"]
         ctrl_send = self.regions["p2p_ctrl_send"]
-        nchunks = max(1, -(-nbytes // SLOT_SIZE))
-        for k in range(nchunks):
-            n = min(SLOT_SIZE, nbytes - k * SLOT_SIZE)
+        for k, n in _chunks(nbytes):
 
             def has_room(r: fx.MemoryReader, lane: Lane = lane) -> bool:
                 return lane.failed or (lane.send_head - self._ctrl(r, "p2p_ctrl_send", peer, TAIL)) % (1 << 32) < NUM_SLOTS - 1
@@ -165,9 +163,9 @@ class P2PProxy:
         lane.pending += 1
         recv_ring = self.regions["p2p_recv"]
         ctrl_recv = self.regions["p2p_ctrl_recv"]
-        nchunks = max(1, -(-nbytes // SLOT_SIZE))
-        for k in range(nchunks):
-            n = min(SLOT_SIZE, nbytes - k * SLOT_SIZE)
+        chunks = _chunks(nbytes)
+        nchunks = len(chunks)
+        for k, n in chunks:
 
             def arrived(r: fx.MemoryReader, lane: Lane = lane) -> bool:
                 return lane.failed or self._ctrl(r, "p2p_ctrl_recv", peer, HEAD) != lane.recv_tail
@@ -204,6 +202,11 @@ class P2PProxy:
                                 cause="p2p-lane-reset")
         return
         yield
+
+
+def _chunks(nbytes: int) -> list[tuple[int, int]]:
+    """(index, length) of the slot-sized pieces a message travels in (one empty piece for 0 bytes)."""
+    return [(k, min(SLOT_SIZE, nbytes - k * SLOT_SIZE)) for k in range(max(1, -(-nbytes // SLOT_SIZE)))]
 
 
 def _lane_failed(lane: Lane) -> fx.Predicate:

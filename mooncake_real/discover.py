@@ -54,14 +54,17 @@ def _numa_of(dev: Path, numa_count: int) -> int:
     return n if 0 <= n < numa_count else 0
 
 
-def rdma_nics(sys_root: Path = SYS, numa_count: int = 1) -> list[dict[str, Any]]:
-    base = sys_root / "class/infiniband"
-    out: list[dict[str, Any]] = []
+def _entries(base: Path) -> list[Path]:
+    """The entries of a sysfs class folder, sorted; none when it is missing or unreadable."""
     try:
-        devs = sorted(base.iterdir())
+        return sorted(base.iterdir())
     except OSError:
-        return out
-    for d in devs:
+        return []
+
+
+def rdma_nics(sys_root: Path = SYS, numa_count: int = 1) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for d in _entries(sys_root / "class/infiniband"):
         rate = 100
         m = re.match(r"\s*(\d+)", _read(d / "ports/1/rate"))
         if m:
@@ -71,13 +74,8 @@ def rdma_nics(sys_root: Path = SYS, numa_count: int = 1) -> list[dict[str, Any]]
 
 
 def tcp_nics(sys_root: Path = SYS, numa_count: int = 1) -> list[dict[str, Any]]:
-    base = sys_root / "class/net"
     out: list[dict[str, Any]] = []
-    try:
-        devs = sorted(base.iterdir())
-    except OSError:
-        return out
-    for d in devs:
+    for d in _entries(sys_root / "class/net"):
         if d.name.startswith(_VIRTUAL_PREFIXES):
             continue
         physical = (d / "device").exists()

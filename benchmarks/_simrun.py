@@ -29,5 +29,5 @@ def timed_run(sim: Any, profile: bool = False) -> tuple[Any, float, int]:
         prof.disable()
     wall = time.perf_counter() - t0
     if prof:
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(int(__import__("os").environ.get("TOPN", "25")))
     return rec, wall, count[0]

@@ -45,6 +45,10 @@ FULL_OUTPUT_LIMIT = 256
 #: Host time between two concurrent groups' collectives issued by one thread (copy, spin kernel and
 #: buffer-to-tensor enqueue calls of the first), so their spin kernels start microseconds apart, not at once.
 GROUP_ISSUE_GAP_S = 20e-6
+#: Chunks issued in detail before the caller offers the driver to fast-forward over the identical ones
+#: (:class:`~mooncake_protocol.effects.SteadyState`), and the fewest chunks a collective needs for the offer.
+STEADY_AFTER_CHUNKS = 4
+STEADY_MIN_CHUNKS = 16
 
 
 def chunk_bytes(size: int) -> int:
@@ -141,13 +145,17 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
     chunk = chunk_bytes(env.size)
     nchunks = max(1, -(-t.slice_bytes // chunk))
     stream = spin_stream(b)
-    for c in range(nchunks):
+    c = 0
+    while c < nchunks:
+        if c == STEADY_AFTER_CHUNKS and nchunks >= STEADY_MIN_CHUNKS and op is not Op.BARRIER and reason is None:
+            c += yield from _steady_state(b, index, c, nchunks, stream if env.backend == "cuda" else "")
         off = c * chunk
         n = min(chunk, t.slice_bytes - off) if op is not Op.BARRIER else 1
         if env.backend == "cuda":
             yield from _chunk_cuda(b, spec, op, t, off, n, stream, reason)
         else:
             yield from _chunk_cpu(b, spec, op, t, off, n, reason)
+        c += 1
     output: Any = None
     if env.backend == "cuda":
         ok = yield fx.StreamSync(stream, env.collective_timeout_s, what=f"collective {index} ({spec.op}) to finish")
@@ -162,6 +170,28 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
     active = yield fx.ReadMem(b.regions["active_ranks"].rid, 0, env.size)
     yield mark("collective_done", index=index, op=spec.op, output=output, active=[int(x) for x in active])
     return output
+
+
+def _steady_state(b: Backend, index: int, c: int, nchunks: int, stream: str) -> Activity:
+    """Offer the driver the chunks from ``c`` up to (not including) the last one, an even number of them
+    (they repeat the chunks before: same sizes and peers); account for those it skips. Returns the count."""
+    same = nchunks - 1 - c  # the last chunk may be shorter
+    same -= same % 2  # parity buffers and task slots alternate: skip whole pairs
+    if same <= 0:
+        return 0
+    skipped = yield fx.SteadyState(index, c, same, stream)
+    if skipped not in (0, same):
+        raise ProtocolError(f"driver skipped {skipped} chunks of collective {index}; only 0 or {same} are possible")
+    if skipped:
+        worker = b.process.worker
+        b.task_count += skipped
+        worker.seq += skipped
+        worker.done_tasks += skipped
+        if stream:
+            worker.cuda_task_count += skipped
+        else:
+            worker.cpu_task_count += skipped
+    return int(skipped)
 
 
 def _claim_slot(b: Backend, slot: int) -> Activity:

@@ -371,6 +371,23 @@ class StreamSync(Effect):
 
 
 @dataclass(frozen=True)
+class SteadyState(Effect):
+    """The caller of collective ``index`` is about to issue chunk ``chunk``, and the next ``chunks`` chunks
+    repeat the ones before exactly (same sizes, peers, buffers, policy): a driver may fast-forward over them.
+
+    Returns how many chunks it skipped (0 or ``chunks``, an even number so buffer parity and task slots
+    line up); the caller then advances its counters as if it had issued them. The real driver always
+    returns 0. The simulator skips only where it has measured a steady period (see docs/architecture.md).
+    """
+
+    index: int
+    chunk: int
+    chunks: int
+    stream: str = ""
+    blocking = True
+
+
+@dataclass(frozen=True)
 class Sleep(Effect):
     """Sleep ``seconds``. Returns None."""
 
@@ -445,6 +462,6 @@ ALL_EFFECTS: tuple[type[Effect], ...] = (
     RpcBind, RpcServe, RpcCall,
     Allocate, Register, ReadMem, WriteMem,
     SubmitTransfer, PollTransfer, FreeBatch,
-    LoadKernel, Launch, Memcpy, Memset, EventRecord, EventQuery, StreamSync,
+    LoadKernel, Launch, Memcpy, Memset, EventRecord, EventQuery, StreamSync, SteadyState,
     Sleep, Now, Spawn, Join, WaitUntil, Mark,
 )

@@ -81,10 +81,22 @@ class SegmentDesc:
         )
 
     def find(self, addr: int, length: int) -> BufferDesc | None:
+        """The registered buffer holding ``[addr, addr + length)`` (memoised: a descriptor never changes)."""
+        cache: dict[tuple[int, int], BufferDesc | None] | None = self.__dict__.get("_found")
+        if cache is None:
+            cache = {}
+            object.__setattr__(self, "_found", cache)
+        key = (addr, length)
+        if key in cache:
+            return cache[key]
+        hit = None
         for b in self.buffers:
             if b.addr <= addr and addr + length <= b.addr + b.size:
-                return b
-        return None
+                hit = b
+                break
+        if len(cache) < 4096:
+            cache[key] = hit
+        return hit
 
 
 @functools.lru_cache(maxsize=8192)
@@ -109,6 +121,7 @@ class Request:
     reported: bool = False  # an anomaly mark was emitted for it
     crossed: bool = False  # its RDMA endpoint's QPs are crossed: every WRITE on it fails
     awaiting: bool = False  # waiting for its RDMA endpoint's handshake
+    buf: BufferDesc | None = None  # the target buffer in ``seg``, as the last transport choice found it
 
 
 @dataclass
@@ -352,12 +365,13 @@ class Engine:
 
     def _choose(self, req: Request) -> None:
         req.transport = None
+        req.buf = None
         if req.seg is None:
             return
+        buf = req.buf = req.seg.find(req.dst_addr, req.length)
         if self.kind == "te":
             req.transport = self.transports[0] if self.transports else None
             return
-        buf = req.seg.find(req.dst_addr, req.length)
         if buf is None:
             # unknown target buffer: TENT cannot resolve a transport for it
             return
@@ -387,7 +401,7 @@ class Engine:
             return None
         label = self.labels.get(r.src.rid, self.env.location)
         local = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
-        buf = r.seg.find(r.dst_addr, r.length)
+        buf = r.buf
         return (local, r.seg.owner, buf.nic if buf else "")
 
     def _handshake(self, key: tuple[str, int, str], target: str) -> Activity:
@@ -458,7 +472,7 @@ class Engine:
         writes = []
         for r in reqs:
             assert r.seg is not None and r.transport is not None
-            buf = r.seg.find(r.dst_addr, r.length)
+            buf = r.buf
             kind = tp.capability("gpu" if r.src.kind == "device" else "dram",
                                  tp.memory_type_of_label(buf.label) if buf else "dram")
             seen = (r.dst_rank, r.transport, kind)

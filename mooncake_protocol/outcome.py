@@ -246,6 +246,10 @@ def format_summary(o: Outcome, *, max_blocked: int = 12) -> str:
     if o.phase_times_s:
         parts = ", ".join(f"{k} {_fmt_t(v)}" for k, v in o.phase_times_s.items())
         lines.append(f"  phases    {parts}")
+    skipped = o.stats.get("chunks_fast_forwarded") if o.stats else None
+    if skipped:
+        lines.append(f"            ({skipped} identical chunks fast-forwarded at their measured steady period; "
+                     "--no-fast-forward simulates each)")
     if o.transports:
         lines.append("  transports chosen (pair class, memory kinds: transport x pairs):")
         for k, v in o.transports.items():

@@ -140,6 +140,9 @@ def describe_wait(effect: fx.Effect) -> tuple[str, tuple[str, ...]]:
         return effect.what or f"activity {effect.handle} to end", ()
     if isinstance(effect, fx.StreamSync):
         return effect.what or f"stream {effect.stream} to drain", (f"stream:{effect.stream}",)
+    if isinstance(effect, fx.SteadyState):
+        return (f"chunks before chunk {effect.chunk} of collective {effect.index} to finish (fast-forward check)",
+                (f"stream:{effect.stream}",) if effect.stream else ())
     if isinstance(effect, fx.Memcpy):
         return f"memcpy of {effect.length} bytes on stream {effect.stream}", (f"stream:{effect.stream}",)
     if isinstance(effect, fx.Launch):

@@ -14,6 +14,7 @@ TE: exactly one network transport per process, chosen at init (:func:`te_transpo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 #: TENT's registration (and selection) order.
@@ -94,8 +95,13 @@ def tent_select(offered: Iterable[str], local_type: str, remote_label: str, *, s
 
     NVLink and SHM are skipped when the peer's machine id differs from ours.
     """
+    return _tent_select(tuple(offered), local_type, remote_label, same_machine, gpudirect, cuda_platform, start)
+
+
+@functools.lru_cache(maxsize=4096)
+def _tent_select(offered: tuple[str, ...], local_type: str, remote_label: str, same_machine: bool,
+                 gpudirect: bool, cuda_platform: bool, start: int) -> tuple[str | None, int]:
     need = capability(local_type, memory_type_of_label(remote_label))
-    offered = tuple(offered)
     for i in range(start, len(offered)):
         t = offered[i]
         if t in ("nvlink", "shm") and not same_machine:

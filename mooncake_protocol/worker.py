@@ -39,6 +39,8 @@ PING_TIMEOUT_S = 5e-3
 PROBE_INTERVAL_S = 0.5  # #1808: a dedicated liveness probe instead of pinging every pass
 PROBE_TIMEOUT_S = 2.0
 ACTIVE_DONE, ACTIVE_SET, ACTIVE_TIMED_OUT = 0, 1, 3
+_SEQ_AT = TASK_OFFSET + 24  # byte offset of ``seq`` in a slot
+_FLAG_SET = (1).to_bytes(4, "little")
 
 
 class Op(enum.IntEnum):
@@ -125,6 +127,8 @@ class Slot:
     seq_seen: int = -1
     callback: Any = None  # CPU path: the caller's continuation, run at DONE
     stale_reported: bool = False
+    backend: Backend | None = None  # the task's group
+    flags_rid: int = 0  # the region its sync flags arrive in
     #: (batch, state, j): peers before j were found done by :meth:`Worker._progress_possible` in this batch and
     #: state. Completion is final within a batch (statuses never return to pending; flags stay set until
     #: DONE), so the next evaluation resumes at j instead of re-reading every peer.
@@ -166,45 +170,47 @@ class Worker:
                 return b
         raise LookupError(f"no backend for group {group}")
 
-    def _active_flag(self, reader: fx.MemoryReader, slot: int) -> int:
-        assert self.table is not None
-        return int.from_bytes(reader.read(self.table.rid, slot * SLOT_BYTES, 4), "little")
-
     def _set(self, s: Slot, event: SlotEvent) -> None:
         s.state = slot_transition(s.state, event)
 
     def _progress_possible(self, reader: fx.MemoryReader) -> bool:
         """Whether a worker pass could change anything now. It mirrors :meth:`step` (same per-peer reading of
         task ids and statuses), so the simulator can sleep until it holds instead of busy-polling."""
+        assert self.table is not None
         engine = self.proc.engine
+        table = reader.read(self.table.rid, 0, NUM_SLOTS * SLOT_BYTES)  # one read: flags and sequence numbers
         seen: dict[int, tuple[str, ...]] = {}
         for s in self.slots:
+            base = s.index * SLOT_BYTES
+            seq = int.from_bytes(table[base + _SEQ_AT:base + _SEQ_AT + 4], "little", signed=True)
             if s.state in (SlotState.IDLE, SlotState.DONE):
-                if self._active_flag(reader, s.index) == ACTIVE_SET:
-                    if s.state is SlotState.IDLE or self._task_seq(reader, s.index) != s.seq_seen:
+                if int.from_bytes(table[base:base + 4], "little") == ACTIVE_SET:
+                    if s.state is SlotState.IDLE or seq != s.seq_seen:
                         return True
                 continue
-            if self._task_seq(reader, s.index) != s.seq_seen or s.task is None:
+            if seq != s.seq_seen or s.task is None:
                 return True  # overwritten in flight
             batch = engine.batches.get(s.batch) if s.batch is not None else None
             if batch is None:
                 return True
-            b = self._backend(s.task.group)
+            b = s.backend
+            assert b is not None
             flags = b""
             if s.state is SlotState.SIGNALED_1:
-                flags = reader.read(b.regions[f"recv_sync{s.task.parity}"].rid, 0, 4 * b.env.size)
+                flags = reader.read(s.flags_rid, 0, 4 * b.env.size)
             ready = True
             start = s.ready_prefix[2] if s.ready_prefix[:2] == (s.batch, s.state) else 0
+            active, ids, reqs = b.active, s.ids, batch.reqs
             for j in range(start, b.env.size):
-                if not b.active[j]:
+                if not active[j]:
                     continue
-                idx = s.ids[j]
+                idx = ids[j]
                 if idx == INVALID_TASK_ID:
                     continue
-                if not 0 <= idx < len(batch.reqs):
+                if not 0 <= idx < len(reqs):
                     ready = False  # a stale id reads as a phantom "pending"
                     break
-                r = batch.reqs[idx]
+                r = reqs[idx]
                 st = r.final
                 if st is None and r.driver is None and (r.crossed or (r.awaiting and engine.endpoint_state(r) != "connecting")):
                     return True  # the endpoint handshake ended: the engine can post or fail it
@@ -216,20 +222,18 @@ class Worker:
                         if sts is None:
                             sts = seen[r.driver[0]] = reader.status(r.driver[0])
                         st = sts[r.driver[1]]
-                if st.startswith("failed"):
-                    return True
-                if st != "completed" or (flags and flags[4 * j:4 * j + 4] != b"\x01\0\0\0"):
+                if st != "completed":
+                    if st.startswith("failed"):
+                        return True
                     ready = False
+                elif flags and flags[4 * j:4 * j + 4] != _FLAG_SET:
+                    ready = False
+                if not ready:
                     s.ready_prefix = (s.batch, s.state, j)
                     break
             if ready:
                 return True
         return False
-
-    def _task_seq(self, reader: fx.MemoryReader, slot: int) -> int:
-        assert self.table is not None
-        raw = reader.read(self.table.rid, slot * SLOT_BYTES + TASK_OFFSET, struct.calcsize(TASK_FMT))
-        return Task.unpack(raw).seq
 
     def _busy(self) -> bool:
         return any(s.state in (SlotState.TRANSFERRED_1, SlotState.SIGNALED_1) for s in self.slots)
@@ -303,6 +307,8 @@ class Worker:
         b = self._backend(task.group)
         me = b.env.rank
         s.task = task
+        s.backend = b
+        s.flags_rid = b.regions[f"recv_sync{task.parity}"].rid
         s.seq_seen = task.seq
         s.stale_reported = False
         if skips_data(task.op, me, task.root):

@@ -29,10 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .driver import WAIT_POLL_MAX_S
+
 #: The fields of ``mooncake_sim.driver.Calibration`` (tests/parity checks the two agree).
 SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_way_s", "effect_cpu_s",
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
-              "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s")
+              "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
+              "poll_cap_s")
 
 BIG = 4 << 20
 
@@ -133,6 +136,19 @@ def probe_activity(spec: Any) -> Any:
             region = yield fx.Allocate(f"r{rid}", "host", size, region_addr(spec.rank, rid), None, True)
             rid += 1
             yield fx.Register(region, "*", False, False)
+        # the driver's polling: a WaitUntil at the worker's 100 us poll and at the warmup's 50 ms poll
+        for poll in (1e-4, 0.05):
+            count = [0]
+            t_end = time.monotonic() + 0.04
+
+            def pred(_r: Any, t_end: float = t_end, count: list[int] = count) -> bool:
+                count[0] += 1
+                return time.monotonic() >= t_end
+
+            t0 = yield fx.Now()
+            yield fx.WaitUntil(pred, poll, "calibration: a polling wait")
+            t1 = yield fx.Now()
+            yield fx.mark("poll_probe", poll_s=poll, checks=count[0], elapsed_s=t1 - t0)
         yield fx.mark("phase", phase="done")
         return None
 
@@ -155,6 +171,11 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
             nxt = recs[i + 1][0] if i + 1 < len(recs) else t1
             by[eff].append(max(t1, nxt) - t0)  # the effect plus the step to the next one
     out = {f"{k}_s": statistics.median(v) for k, v in by.items()}
+    for rec in res.trace:
+        if rec.get("type") == "mark" and rec.get("name") == "poll_probe":
+            d = rec["data"]
+            if int(d["checks"]) > 1:  # the first check is at once; each later one follows a sleep
+                out[f"poll_tick_{d['poll_s']:g}_s"] = float(d["elapsed_s"]) / (int(d["checks"]) - 1)
     if "Allocate_s" in out:
         allocs = by["Allocate"]
         out["Allocate_mean_s"] = statistics.fmean(allocs)
@@ -251,6 +272,9 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "shm_bandwidth_Bps": m.get("shm_bandwidth_Bps"),
         "module_load_s": m.get("module_load_s"),
         "kernel_launch_s": m.get("kernel_launch_s"),
+        # a 100 us polling wait re-checks every 100 us + overshoot (sleep wake-up, predicate, driver loop)
+        "poll_overshoot_s": max(m["poll_tick_0.0001_s"] - 1e-4, 0.0) if "poll_tick_0.0001_s" in m else None,
+        "poll_cap_s": WAIT_POLL_MAX_S,
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}

@@ -474,6 +474,10 @@ class RankDriver:
             return self.gpu.event_query(e.event)
         return True
 
+    def _steady_state(self, e: fx.SteadyState) -> int:
+        """Real hardware runs every chunk: never fast-forward."""
+        return 0
+
     def _stream_sync(self, e: fx.StreamSync) -> bool:
         if self.gpu.available:
             return self.gpu.stream_sync(e.stream, e.timeout_s)
@@ -655,6 +659,7 @@ HANDLERS: dict[type[fx.Effect], Callable[[RankDriver, Any], Any]] = {
     fx.EventRecord: RankDriver._event_record,
     fx.EventQuery: RankDriver._event_query,
     fx.StreamSync: RankDriver._stream_sync,
+    fx.SteadyState: RankDriver._steady_state,
     fx.Sleep: RankDriver._sleep,
     fx.Now: RankDriver._now,
     fx.Spawn: RankDriver._spawn,

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.add_argument("--quiet", action="store_true", help="no progress lines on stderr during a long run")
     r.add_argument("--calibration", metavar="FILE", help="timing constants measured in real mode")
+    r.add_argument("--no-fast-forward", action="store_true",
+                   help="simulate every chunk of a long collective in detail (default: skip a measured steady "
+                        "stretch of identical chunks in data: sizes runs without faults)")
     r.set_defaults(func=cmd_run)
 
     pp = sub.add_parser("parity", help="run a scenario in the simulator and for real; compare canonical traces",

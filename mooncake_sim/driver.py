@@ -9,7 +9,9 @@ deadline, or when no protocol progress (a non-noise mark) happened for the stall
 from __future__ import annotations
 
 import gc
+import math
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +57,9 @@ class Calibration:
     shm_bandwidth_Bps: float | None = None
     module_load_s: float | None = None  # a CUDA module load (gpu.MODULE_LOAD_S)
     kernel_launch_s: float | None = None  # host cost of a kernel launch (gpu.KERNEL_LAUNCH_S)
+    poll_overshoot_s: float | None = None  # a polling wait's sleep lasts this much longer than asked (and a
+    #                                        Sleep too); None: waits notice a change at once
+    poll_cap_s: float | None = None  # the real driver's longest poll sleep (WAIT_POLL_MAX_S)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Calibration:
@@ -82,6 +87,8 @@ class Act:
 class Waiter:
     effect: fx.WaitUntil
     event: simpy.Event
+    t0: float = 0.0
+    tick: float = 0.0  # calibrated: the real driver re-checks the predicate every ``tick`` from ``t0``
 
 
 class Reader:
@@ -98,6 +105,23 @@ class Reader:
         return self.sim.transfers.status(batch)
 
 
+#: Two chunk intervals count as one steady period when they differ by at most this fraction.
+FF_TOLERANCE = 1e-3
+#: Marks after which the simulator no longer fast-forwards (the run is not in a clean steady state).
+ANOMALY_MARKS = frozenset({"transfer_failed", "peer_marked_broken", "stale_task_poll", "transport_unspec",
+                           "slot_exhausted", "error", "crossed_endpoints", "unwarmed_direction", "unsupported_reduce"})
+
+
+@dataclass
+class FastForward:
+    """A fast-forward barrier: who arrived when, and the decided period (0.0 = no skip)."""
+
+    decided: simpy.Event
+    chunks: int
+    arrived: dict[int, float] = field(default_factory=dict)
+    counted: bool = False
+
+
 @dataclass
 class SimRank:
     env: RankEnv
@@ -112,6 +136,8 @@ class SimRank:
     reader: Reader | None = None
     rpc_port: int | None = None
     batches: set[int] = field(default_factory=set)
+    done_times: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # last task completions
+    caller: int | None = None  # handle of the rank's main activity
 
 
 RunResult = RunRecord
@@ -127,7 +153,8 @@ _INSTANT_EFFECTS: frozenset[type] = frozenset({
 
 class Simulation:
     def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
-                 progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0):
+                 progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0,
+                 fast_forward: bool = True):
         self.scenario = scenario
         self.topology: topo.Topology = scenario.topology
         self.cal = calibration or Calibration()
@@ -156,6 +183,10 @@ class Simulation:
         self.effect_count = 0
         self.stop = self.env.event()
         self.killed: list[int] = []
+        self.fast_forward = fast_forward
+        self.ff_barriers: dict[tuple[int, int], FastForward] = {}
+        self.ff_skipped = 0
+        self.anomalies = 0
         self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s}
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
@@ -186,10 +217,27 @@ class Simulation:
             if w.event.triggered:
                 continue
             if w.effect.predicate(r.reader):
+                if w.tick:
+                    # a polling driver sees it at its next check: t0 + k * tick
+                    k = max(1, math.ceil((self.env.now - w.t0) / w.tick - 1e-9))
+                    at = w.t0 + k * w.tick
+                    if at > self.env.now:
+                        t = self.env.timeout(at - self.env.now)
+                        t.callbacks.append(lambda _e, ev=w.event: None if ev.triggered else ev.succeed(True))
+                        continue
                 w.event.succeed(True)
             else:
                 still.append(w)
         r.waiters = still
+
+    def _poll_tick(self, poll_s: float) -> float:
+        """The period at which the real driver re-checks a ``WaitUntil`` (0.0: uncalibrated, notice at once):
+        it sleeps ``min(poll_s, poll_cap_s)`` and each sleep overshoots by ``poll_overshoot_s``."""
+        over = self.cal.poll_overshoot_s
+        if over is None:
+            return 0.0
+        cap = self.cal.poll_cap_s or poll_s
+        return min(poll_s, cap) + over
 
     def spawn(self, rank: SimRank, name: str, gen: fx.Activity, daemon: bool) -> Act:
         act = Act(rank.env.rank, name, self.next_handle, daemon)
@@ -274,12 +322,13 @@ class Simulation:
                 yield self.env.timeout(cost)
 
     def _check_all_done(self) -> None:
+        """Stop when every live rank's caller has ended (one look per rank: its caller is its first activity)."""
         for r in self.ranks:
             if not r.alive:
                 continue
-            for a in r.acts.values():
-                if a.name == "caller" and not a.done:
-                    return
+            caller = r.acts.get(r.caller) if r.caller is not None else None
+            if caller is not None and not caller.done:
+                return
         if not self.stop.triggered:
             self.stop.succeed("completed")
 
@@ -287,7 +336,11 @@ class Simulation:
         rec = mark_record(r.env.rank, act.name, self.env.now, m)
         self.marks.append(rec)
         if m.name not in NOISE_MARKS:
-            self.last_progress = self.env.now
+            self.last_progress = max(self.last_progress, self.env.now)
+        if m.name == "task_phase" and ("phase", "done") in m.data:
+            r.done_times.append(self.env.now)
+        elif m.name in ANOMALY_MARKS:
+            self.anomalies += 1
         if m.name == "collective_start":
             self._phase_faults(r, f"collective:{dict(m.data).get('index')}")
         if m.name == "phase":
@@ -332,14 +385,14 @@ class Simulation:
         if isinstance(eff, fx.Now):
             return env.now
         if isinstance(eff, fx.Sleep):
-            yield env.timeout(eff.seconds)
+            yield env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
             return None
         if isinstance(eff, fx.WaitUntil):
             assert r.reader is not None
             if eff.predicate(r.reader):
                 return True
             ev = env.event()
-            waiter = Waiter(eff, ev)
+            waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
             r.waiters.append(waiter)
             if eff.timeout_s is None:
                 yield ev
@@ -405,6 +458,9 @@ class Simulation:
             assert target.finished is not None
             value = yield target.finished
             return value
+        if isinstance(eff, fx.SteadyState):
+            skipped = yield from self._steady_state(r, act, eff)
+            return skipped
         if isinstance(eff, (fx.LoadKernel, fx.Launch, fx.Memcpy, fx.Memset, fx.EventRecord, fx.EventQuery,
                             fx.StreamSync)):
             result = yield from self._gpu(r, eff)
@@ -523,6 +579,72 @@ class Simulation:
             return last.done.triggered
         raise TypeError(type(eff).__name__)
 
+    # ------------------------------------------------------------------ fast-forward
+
+    def _ff_eligible(self, r: SimRank) -> bool:
+        """Whether a steady stretch of chunks may be skipped at all: sizes mode (no payload is lost), no
+        scripted faults (nothing can happen inside the stretch), every rank alive and nothing anomalous so far."""
+        sc = self.scenario
+        return (self.fast_forward and not r.env.data_values and not sc.faults and not self.anomalies
+                and all(x.alive and x.error is None for x in self.ranks))
+
+    def _steady_state(self, r: SimRank, act: Act, eff: fx.SteadyState) -> SimGen:
+        """Fast-forward over ``eff.chunks`` identical chunks (Wormhole-style steady-state skipping).
+
+        Every rank drains the chunks it has issued, then meets the others at a barrier. If each rank's last
+        chunks completed at one steady period (two equal intervals, within :data:`FF_TOLERANCE`), every rank
+        sleeps ``chunks * period`` (the slowest rank's period) from the moment it drained and the caller skips
+        the chunks; otherwise nobody skips. Chunks are all-to-all exchanges, so ranks run in lockstep and
+        the period is a property of the whole group. A ``fast_forward`` mark records the skip.
+        """
+        env = self.env
+        if not self._ff_eligible(r) or eff.chunks <= 0 or eff.chunks % 2:
+            return 0
+        if eff.stream:  # CUDA path: the chunks issued so far must finish (what the caller's stream holds)
+            s = self.gpu.context(r.env.rank).stream(eff.stream)
+            pending = ([s.running] if s.running else []) + list(s.queue)
+            if pending and pending[-1].done is not None:
+                timer = env.timeout(r.env.collective_timeout_s)
+                yield pending[-1].done | timer
+                if not pending[-1].done.triggered:
+                    return 0
+        key = (eff.index, eff.chunk)
+        bar = self.ff_barriers.get(key)
+        if bar is None:
+            bar = self.ff_barriers[key] = FastForward(env.event(), eff.chunks)
+        bar.arrived[r.env.rank] = env.now
+        alive = [x.env.rank for x in self.ranks if x.alive]
+        if len(bar.arrived) == len(alive) and not bar.decided.triggered:
+            bar.decided.succeed(self._ff_decide(bar, alive))
+        period = yield bar.decided
+        if not period or not self._ff_eligible(r):
+            return 0
+        resume = bar.arrived[r.env.rank] + eff.chunks * period
+        self.last_progress = max(self.last_progress, resume)
+        self._mark(r, act, fx.mark(
+            "fast_forward", index=eff.index, chunk=eff.chunk, chunks=eff.chunks, period_us=round(period * 1e6, 3)))
+        if resume > env.now:
+            yield env.timeout(resume - env.now)
+        if not bar.counted:
+            bar.counted = True
+            self.ff_skipped += eff.chunks
+        return eff.chunks
+
+    def _ff_decide(self, bar: FastForward, ranks: list[int]) -> float:
+        """The group's steady chunk period, or 0.0 when some rank's last chunks were not steady."""
+        if not self._ff_eligible(self.ranks[ranks[0]]):
+            return 0.0
+        period = 0.0
+        for rank in ranks:
+            t = self.ranks[rank].done_times
+            if len(t) < 3:
+                return 0.0
+            d1, d2 = t[-2] - t[-3], t[-1] - t[-2]
+            if d1 <= 0 or abs(d2 - d1) > FF_TOLERANCE * d1:
+                return 0.0
+            period = max(period, d1, d2)
+        return period
+
     # ------------------------------------------------------------------ running
 
     def _monitor(self, stall_s: float, deadline_s: float) -> SimGen:
@@ -564,7 +686,7 @@ class Simulation:
         wall0 = time.perf_counter()
         sc = self.scenario
         for r in self.ranks:
-            self.spawn(r, "caller", rank_main(r.env), daemon=False)
+            r.caller = self.spawn(r, "caller", rank_main(r.env), daemon=False).handle
         deadline = sc.deadlines.bootstrap_s + sc.deadlines.collective_s * max(1, len(sc.workload))
         self.env.process(self._monitor(sc.deadlines.stall_s, deadline))
         # A run allocates millions of short-lived objects while its marks stay alive: collect the young
@@ -592,11 +714,14 @@ class Simulation:
             killed=list(self.killed),
             stats={"effects": self.effect_count, "store_ops": self.store.ops,
                    "store_max_queue_s": self.store.max_queue_s, "writes": self.transfers.writes,
-                   "bytes_moved": self.transfers.bytes_moved, "end_time_s": self.env.now},
+                   "bytes_moved": self.transfers.bytes_moved, "end_time_s": self.env.now,
+                   "chunks_fast_forwarded": self.ff_skipped},
         )
 
 
 def simulate(scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
-             progress: Callable[[str], None] | None = None) -> RunResult:
-    """Run one scenario in the simulator; ``progress`` gets a line every few seconds of a long run."""
-    return Simulation(scenario, record_effects=record_effects, calibration=calibration, progress=progress).run()
+             progress: Callable[[str], None] | None = None, fast_forward: bool = True) -> RunResult:
+    """Run one scenario in the simulator; ``progress`` gets a line every few seconds of a long run;
+    ``fast_forward=False`` simulates every chunk of a long collective in detail."""
+    return Simulation(scenario, record_effects=record_effects, calibration=calibration, progress=progress,
+                      fast_forward=fast_forward).run()

@@ -65,9 +65,9 @@ def _to_stderr(line: str) -> None:
 
 
 def run_one(scenario: Any, *, trace: str | None = None, calibration: Calibration | None = None,
-            progress: bool = False) -> Outcome:
+            progress: bool = False, fast_forward: bool = True) -> Outcome:
     rec = simulate(scenario, record_effects=trace is not None, calibration=calibration,
-                   progress=_to_stderr if progress else None)
+                   progress=_to_stderr if progress else None, fast_forward=fast_forward)
     if trace is not None:
         write_trace(trace, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
     return evaluate(rec, scenario)
@@ -96,7 +96,7 @@ def _flagship(args: argparse.Namespace, calibration: Calibration | None) -> int:
         sc = with_policy(base, preset, overrides)
         if not args.json:
             print(f"... simulating {base.name} ({base.ranks} ranks) under {label}", file=sys.stderr, flush=True)
-        outcomes.append(run_one(sc, calibration=calibration))
+        outcomes.append(run_one(sc, calibration=calibration, fast_forward=not args.no_fast_forward))
         labels.append(label)
     if args.json:
         print(json.dumps({"flagship": base.name,
@@ -129,7 +129,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise InputError("--policy", "", f"unknown policy preset {args.policy!r}; use one of: {', '.join(PRESETS)}")
         scenario = with_policy(scenario, args.policy)
     outcome = run_one(scenario, trace=args.trace, calibration=calibration,
-                      progress=not args.json and not getattr(args, "quiet", False))
+                      progress=not args.json and not getattr(args, "quiet", False),
+                      fast_forward=not args.no_fast_forward)
     if args.json:
         print(json.dumps(outcome.to_json()))
     else:

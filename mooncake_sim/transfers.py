@@ -37,6 +37,7 @@ class BatchState:
     statuses: list[str]
     owner: int
     pending: int = 0
+    view: tuple[str, ...] | None = None  # the statuses as last handed out, until one changes
 
 
 @dataclass
@@ -52,10 +53,16 @@ class TransferModel:
     link_flows: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     writes: int = 0
     bytes_moved: int = 0
+    _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
+    _edge_bw: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
-        return tuple(b.statuses) if b else ()
+        if b is None:
+            return ()
+        if b.view is None:  # pollers ask far more often than statuses change
+            b.view = tuple(b.statuses)
+        return b.view
 
     def free(self, bid: int) -> None:
         self.batches.pop(bid, None)
@@ -66,28 +73,39 @@ class TransferModel:
         return topo.Endpoint(r.env.host, "host", None, r.env.numa)
 
     def submit(self, r: SimRank, writes: tuple[fx.WriteReq, ...]) -> int:
+        """Start a batch. Its WRITEs join their links together and share them fairly (a WRITE's rate is the
+        bottleneck over its links of ``bandwidth / flows`` once the whole batch has joined), so WRITEs of one
+        batch along the same links land at one instant: one event per landing time, not one per WRITE."""
         bid = self.next_id
         self.next_id += 1
         state = BatchState(["pending"] * len(writes), r.env.rank, len(writes))
         self.batches[bid] = state
-        groups: dict[float, list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]] = defaultdict(list)
         env = self.sim.env
+        flows = self.link_flows
+        joined = []
         for i, w in enumerate(writes):
             self.writes += 1
-            delay, failure, payload, edges, cuda = self._plan(r, w)
+            lat, cap, failure, payload, edges, cuda = self._plan(r, w)
             if failure is not None:
                 self._fail_later(bid, i, failure, FAIL_LATENCY_S)
                 continue
             if cuda is not None:
                 # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
                 # links then, at the rate they have then (queued copies do not share bandwidth yet)
-                self._via_gpu(r, bid, i, w, payload, edges, delay, cuda)
+                self._via_gpu(r, bid, i, w, payload, edges, cuda)
             else:
                 for e in edges:
-                    self.link_flows[e] += 1
-                groups[env.now + delay].append((i, w, payload, edges))
-        for t, items in groups.items():
-            ev = env.timeout(t - env.now)
+                    flows[e] += 1
+                joined.append((i, w, payload, edges, lat, cap))
+        groups: dict[float, list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]] = defaultdict(list)
+        rates: dict[tuple[tuple[tuple[str, str], ...], float], float] = {}
+        for i, w, payload, edges, lat, cap in joined:
+            rate = rates.get((edges, cap))
+            if rate is None:
+                rate = rates[(edges, cap)] = self._share(edges, cap)
+            groups[lat + w.length / rate].append((i, w, payload, edges))
+        for delay, items in groups.items():
+            ev = env.timeout(delay)
             ev.callbacks.append(lambda _e, bid=bid, items=items: self._land(bid, items))
         return bid
 
@@ -98,6 +116,7 @@ class TransferModel:
             b = self.batches.get(bid)
             if b is not None:
                 b.statuses[i] = f"failed:{failure}"
+                b.view = None
                 b.pending -= 1
                 self.sim.dirty(b.owner)
 
@@ -105,11 +124,14 @@ class TransferModel:
 
     def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]) -> None:
         b = self.batches.get(bid)
+        if b is not None:
+            b.view = None
         touched = set()
         failed = False
+        flows = self.link_flows
         for i, w, payload, edges in items:
             for e in edges:
-                self.link_flows[e] -= 1
+                flows[e] -= 1
             if b is not None:
                 b.pending -= 1
             if not self._deliver(w, payload):
@@ -117,7 +139,8 @@ class TransferModel:
                     b.statuses[i] = "failed:peer-dead"
                     failed = True
                 continue
-            touched.add(w.dst_owner)
+            if payload:  # a length-only WRITE (sizes mode) changes no byte the owner could be waiting on
+                touched.add(w.dst_owner)
             self.bytes_moved += w.length
             if b is not None:
                 b.statuses[i] = "completed"
@@ -139,36 +162,49 @@ class TransferModel:
             region.write(parts.offset, payload)
         return True
 
-    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float, float] | None]:
+    def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]:
+        """The topology path of a WRITE and the directed resources it occupies (static: cached)."""
+        key = (r.env.rank, src.kind, src.device, owner.env.rank, dst.kind, dst.device, transport)
+        hit = self._routes.get(key)
+        if hit is None:
+            p = topo.path(self.sim.topology, self.endpoint(r, src), self.endpoint(owner, dst), transport)
+            edges: tuple[tuple[str, str], ...] = ()
+            if isinstance(p, topo.Path):
+                if transport in ("nvlink", "mnnvl") and p.hops:
+                    # a GPU's NVLink ports act as one pipe per direction (18 links over the switches): the
+                    # shared resources are the sender's egress and the receiver's ingress, each at the
+                    # path's bandwidth
+                    edges = ((p.hops[0][0], "nvlink-out"), ("nvlink-in", p.hops[-1][1]))
+                else:
+                    edges = tuple(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
+            hit = self._routes[key] = (p, edges)
+        return hit
+
+    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float, float] | None]:
+        """(latency, path bandwidth, failure, payload, links, CUDA call) of one WRITE."""
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
-            return 0.0, "address-not-found", b"", (), None
+            return 0.0, 0.0, "address-not-found", b"", (), None
         owner = sim.ranks[w.dst_owner]
         if not owner.alive:
-            return 0.0, "peer-dead", b"", (), None
+            return 0.0, 0.0, "peer-dead", b"", (), None
         for f in r.env.faults:
             if f.kind == "block_direction" and tuple(f.ranks) == (r.env.rank, w.dst_owner):
-                return 0.0, "blocked-direction", b"", (), None
+                return 0.0, 0.0, "blocked-direction", b"", (), None
         dst = owner.regions.get(parts.rid)
         target = None
         if dst is not None and dst.label is not None and dst.region.contains(w.dst_addr, w.length):
             target = TargetInfo(dst.region.kind, dst.ipc_handle, dst.fabric_handle)
         src = r.regions[w.src_rid]
-        src_ep = self.endpoint(r, src.region)
         p: topo.Path | topo.NoPath | None = None
+        edges: tuple[tuple[str, str], ...] = ()
         if target is not None and dst is not None:
-            p = topo.path(sim.topology, src_ep, self.endpoint(owner, dst.region), w.transport)
+            p, edges = self._route(r, src.region, owner, dst.region, w.transport)
         path_reason = p.reason if isinstance(p, topo.NoPath) else None
         failure = write_failure(w.transport, target, r.env.host == owner.env.host, path_reason)
         if failure is not None or not isinstance(p, topo.Path):
-            return 0.0, failure or "no-path", b"", (), None
-        if w.transport in ("nvlink", "mnnvl") and p.hops:
-            # a GPU's NVLink ports act as one pipe per direction (18 links over the switches): the shared
-            # resources are the sender's egress and the receiver's ingress, each at the path's bandwidth
-            edges: tuple[tuple[str, str], ...] = ((p.hops[0][0], "nvlink-out"), ("nvlink-in", p.hops[-1][1]))
-        else:
-            edges = tuple(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
+            return 0.0, 0.0, failure or "no-path", b"", (), None
         cap = p.bandwidth_Bps
         if w.transport == "rdma":
             lat = p.latency_s + sim.rdma_overhead_s
@@ -180,7 +216,6 @@ class TransferModel:
             c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
             lat = lat if c_lat is None else c_lat
             cap = cap if not c_bw else c_bw
-        delay = lat + w.length / self._rate(edges, cap)
         # sizes mode moves only lengths; small control words (flags) are always carried exactly
         payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
         cuda = None
@@ -191,27 +226,30 @@ class TransferModel:
                 cuda = ("legacy", lat, cap)
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
                 cuda = ("legacy", lat, cap)
-        return delay, None, payload, edges, cuda
+        return lat, cap, None, payload, edges, cuda
 
-    def _rate(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
-        """The fair share a new flow gets: the bottleneck over its links given the flows already on them."""
+    def _share(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
+        """The fair share of a flow already counted on ``edges``: the bottleneck of ``bandwidth / flows``."""
         rate = cap
-        graph = self.sim.topology.graph
+        graph_edges = self.sim.topology.graph.edges
+        flows = self.link_flows
         for e in edges:
-            bw = graph.edges[e]["bandwidth_Bps"] if graph.has_edge(*e) else cap
-            rate = min(rate, bw / (self.link_flows[e] + 1))
+            bw = self._edge_bw.get(e)
+            if bw is None:
+                bw = self._edge_bw[e] = graph_edges[e]["bandwidth_Bps"] if e in graph_edges else cap
+            rate = min(rate, bw / max(1, flows[e]))
         return rate
 
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
-                 edges: tuple[tuple[str, str], ...], delay: float, cuda: tuple[str, float, float]) -> None:
+                 edges: tuple[tuple[str, str], ...], cuda: tuple[str, float, float]) -> None:
         stream, lat, cap = cuda
         ctx = self.sim.gpu.context(r.env.rank)
-        op = Op("memcpy", stream, delay, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
+        op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
 
         def start() -> None:
-            op.duration = lat + w.length / self._rate(edges, cap)
             for e in edges:
                 self.link_flows[e] += 1
+            op.duration = lat + w.length / self._share(edges, cap)
 
         op.on_start = start
         op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])

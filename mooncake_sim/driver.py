@@ -60,6 +60,8 @@ class Calibration:
     poll_overshoot_s: float | None = None  # a polling wait's sleep lasts this much longer than asked (and a
     #                                        Sleep too); None: waits notice a change at once
     poll_cap_s: float | None = None  # the real driver's longest poll sleep (WAIT_POLL_MAX_S)
+    transfer_threads: float | None = None  # set: a rank's non-CUDA WRITEs run one at a time on its transfer
+    #                                        thread, each on a host CPU (real mode); None: all concurrent
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Calibration:
@@ -303,6 +305,14 @@ class Simulation:
         if act.name == "caller":
             self._check_all_done()
 
+    def host_cpu(self, host: str) -> simpy.Resource:
+        """The host's CPU cores (calibration ``host_cpus``; unlimited capacity without it)."""
+        cpu = self.cpus.get(host)
+        if cpu is None:
+            cap = max(1, int(self.cal.host_cpus)) if self.cal.host_cpus else 1 << 30
+            cpu = self.cpus[host] = simpy.Resource(self.env, capacity=cap)
+        return cpu
+
     def _cpu(self, r: SimRank, cost: float) -> SimGen:
         """Charge ``cost`` seconds of host CPU (calibration): on the host's cores, one activity of a rank at a time."""
         if cost <= 0:
@@ -311,8 +321,7 @@ class Simulation:
             yield self.env.timeout(cost)
             return
         host, rank = r.env.host, r.env.rank
-        if host not in self.cpus:
-            self.cpus[host] = simpy.Resource(self.env, capacity=max(1, int(self.cal.host_cpus)))
+        self.host_cpu(host)
         if rank not in self.gils:
             self.gils[rank] = simpy.Resource(self.env, capacity=1)
         with self.gils[rank].request() as gil:

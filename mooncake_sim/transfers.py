@@ -14,8 +14,11 @@ it: TENT NVLink copies asynchronously on a non-blocking stream of its own; MNNVL
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import simpy
 
 from mooncake_protocol import effects as fx
 from mooncake_protocol import topology as topo
@@ -55,6 +58,7 @@ class TransferModel:
     bytes_moved: int = 0
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
     _edge_bw: dict[tuple[str, str], float] = field(default_factory=dict)
+    _threads: dict[int, simpy.Store] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
@@ -93,6 +97,8 @@ class TransferModel:
                 # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
                 # links then, at the rate they have then (queued copies do not share bandwidth yet)
                 self._via_gpu(r, bid, i, w, payload, edges, cuda)
+            elif self.sim.cal.transfer_threads:
+                self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
             else:
                 for e in edges:
                     flows[e] += 1
@@ -239,6 +245,27 @@ class TransferModel:
                 bw = self._edge_bw[e] = graph_edges[e]["bandwidth_Bps"] if e in graph_edges else cap
             rate = min(rate, bw / max(1, flows[e]))
         return rate
+
+    def _via_thread(self, r: SimRank, item: tuple[int, int, fx.WriteReq, bytes, tuple[tuple[str, str], ...], float, float]) -> None:
+        """Calibrated: the real engine runs a rank's WRITEs one at a time on its transfer thread, on a CPU of
+        the host (``host_cpus``) for the WRITE's whole duration."""
+        q = self._threads.get(r.env.rank)
+        if q is None:
+            q = self._threads[r.env.rank] = simpy.Store(self.sim.env)
+            self.sim.env.process(self._thread(r, q))
+        q.put(item)
+
+    def _thread(self, r: SimRank, q: simpy.Store) -> Generator[simpy.Event, Any, None]:
+        env = self.sim.env
+        while True:
+            bid, i, w, payload, edges, lat, cap = yield q.get()
+            for e in edges:
+                self.link_flows[e] += 1
+            duration = lat + w.length / self._share(edges, cap)
+            with self.sim.host_cpu(r.env.host).request() as cpu:
+                yield cpu
+                yield env.timeout(duration)
+            self._land(bid, [(i, w, payload, edges)])
 
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
                  edges: tuple[tuple[str, str], ...], cuda: tuple[str, float, float]) -> None:

@@ -119,7 +119,6 @@ class FastForward:
     """A fast-forward barrier: who arrived when, and the decided period (0.0 = no skip)."""
 
     decided: simpy.Event
-    chunks: int
     arrived: dict[int, float] = field(default_factory=dict)
     counted: bool = False
 
@@ -320,13 +319,13 @@ class Simulation:
         if not self.cal.host_cpus:
             yield self.env.timeout(cost)
             return
-        host, rank = r.env.host, r.env.rank
-        self.host_cpu(host)
+        rank = r.env.rank
+        cores = self.host_cpu(r.env.host)
         if rank not in self.gils:
             self.gils[rank] = simpy.Resource(self.env, capacity=1)
         with self.gils[rank].request() as gil:
             yield gil
-            with self.cpus[host].request() as cpu:
+            with cores.request() as cpu:
                 yield cpu
                 yield self.env.timeout(cost)
 
@@ -577,16 +576,19 @@ class Simulation:
             op = ctx.events.get(eff.event)
             return op is None or op.finished
         if isinstance(eff, fx.StreamSync):
-            s = ctx.stream(eff.stream)
-            pending = [op for op in ([s.running] if s.running else []) + list(s.queue)]
-            if not pending:
-                return True
-            last = pending[-1]
-            assert last.done is not None
-            timer = env.timeout(eff.timeout_s)
-            yield last.done | timer
-            return last.done.triggered
+            drained = yield from self._drain(r, eff.stream, eff.timeout_s)
+            return drained
         raise TypeError(type(eff).__name__)
+
+    def _drain(self, r: SimRank, stream: str, timeout_s: float) -> SimGen:
+        """Wait until the work on ``stream`` of ``r``'s context so far has finished; False on timeout."""
+        s = self.gpu.context(r.env.rank).stream(stream)
+        last = s.queue[-1] if s.queue else s.running
+        if last is None:
+            return True
+        assert last.done is not None
+        yield last.done | self.env.timeout(timeout_s)
+        return last.done.triggered
 
     # ------------------------------------------------------------------ fast-forward
 
@@ -610,17 +612,13 @@ class Simulation:
         if not self._ff_eligible(r) or eff.chunks <= 0 or eff.chunks % 2:
             return 0
         if eff.stream:  # CUDA path: the chunks issued so far must finish (what the caller's stream holds)
-            s = self.gpu.context(r.env.rank).stream(eff.stream)
-            pending = ([s.running] if s.running else []) + list(s.queue)
-            if pending and pending[-1].done is not None:
-                timer = env.timeout(r.env.collective_timeout_s)
-                yield pending[-1].done | timer
-                if not pending[-1].done.triggered:
-                    return 0
+            drained = yield from self._drain(r, eff.stream, r.env.collective_timeout_s)
+            if not drained:
+                return 0
         key = (eff.index, eff.chunk)
         bar = self.ff_barriers.get(key)
         if bar is None:
-            bar = self.ff_barriers[key] = FastForward(env.event(), eff.chunks)
+            bar = self.ff_barriers[key] = FastForward(env.event())
         bar.arrived[r.env.rank] = env.now
         alive = [x.env.rank for x in self.ranks if x.alive]
         if len(bar.arrived) == len(alive) and not bar.decided.triggered:

@@ -96,7 +96,7 @@ class TransferModel:
             if cuda is not None:
                 # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
                 # links then, at the rate they have then (queued copies do not share bandwidth yet)
-                self._via_gpu(r, bid, i, w, payload, edges, cuda)
+                self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
             elif self.sim.cal.transfer_threads:
                 self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
             else:
@@ -186,8 +186,8 @@ class TransferModel:
             hit = self._routes[key] = (p, edges)
         return hit
 
-    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], tuple[str, float, float] | None]:
-        """(latency, path bandwidth, failure, payload, links, CUDA call) of one WRITE."""
+    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
+        """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE."""
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
@@ -227,11 +227,11 @@ class TransferModel:
         cuda = None
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":
-                cuda = ("transfer", lat, cap)
+                cuda = "transfer"
             elif w.transport == "mnnvl" and w.length < MNNVL_SYNC_LIMIT:
-                cuda = ("legacy", lat, cap)
+                cuda = "legacy"
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
-                cuda = ("legacy", lat, cap)
+                cuda = "legacy"
         return lat, cap, None, payload, edges, cuda
 
     def _share(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
@@ -259,24 +259,25 @@ class TransferModel:
         env = self.sim.env
         while True:
             bid, i, w, payload, edges, lat, cap = yield q.get()
-            for e in edges:
-                self.link_flows[e] += 1
-            duration = lat + w.length / self._share(edges, cap)
+            duration = self._start_flow(edges, lat, cap, w.length)
             with self.sim.host_cpu(r.env.host).request() as cpu:
                 yield cpu
                 yield env.timeout(duration)
             self._land(bid, [(i, w, payload, edges)])
 
+    def _start_flow(self, edges: tuple[tuple[str, str], ...], lat: float, cap: float, length: int) -> float:
+        """One WRITE joins its links now: its duration at the share it gets."""
+        for e in edges:
+            self.link_flows[e] += 1
+        return lat + length / self._share(edges, cap)
+
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
-                 edges: tuple[tuple[str, str], ...], cuda: tuple[str, float, float]) -> None:
-        stream, lat, cap = cuda
+                 edges: tuple[tuple[str, str], ...], lat: float, cap: float, stream: str) -> None:
         ctx = self.sim.gpu.context(r.env.rank)
         op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
 
         def start() -> None:
-            for e in edges:
-                self.link_flows[e] += 1
-            op.duration = lat + w.length / self._share(edges, cap)
+            op.duration = self._start_flow(edges, lat, cap, w.length)
 
         op.on_start = start
         op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])

@@ -246,6 +246,21 @@ class RpcClient:
         except OSError:
             return "unreachable"
 
+    def _wait(self, sock: Any, event: int, deadline: float, host: str, port: int) -> str | None:
+        """Wait until ``sock`` is ready for ``event``: None, or "timeout" at the deadline, or "refused" as soon
+        as the peer's port is closed. It waits in slices of :data:`DEAD_PEER_CHECK_S` and probes the port
+        after each: a peer that died after taking a request never answers, and one that died while zmq was
+        connecting never lets a message out; its closed port says so at once (the simulator answers such a
+        call "refused" too)."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            if sock.poll(max(1, int(min(left, DEAD_PEER_CHECK_S) * 1000)), event):
+                return None
+            if self._probe(host, port, DEAD_PEER_CHECK_S) == "refused":
+                return "refused"
+
     def call(self, target: str, method: str, payload: bytes, timeout_s: float) -> RpcReply:
         import zmq
 
@@ -283,26 +298,19 @@ class RpcClient:
             if not fresh:  # the cached connection is gone (the peer closed it): start over, probe first
                 self._drop(target)
                 return self.call(target, method, payload, max(0.0, deadline - time.monotonic()))
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(max(1, int(left * 1000)), zmq.POLLOUT):
+            # the connection is not up yet; a peer that dies between the probe and the connect never brings it up
+            err = self._wait(sock, zmq.POLLOUT, deadline, host, port)
+            if err is not None:
                 self._drop(target)
-                self.stats["timeout"] += 1
-                return RpcReply(False, b"", "timeout")
+                self.stats[err] += 1
+                return RpcReply(False, b"", err)
             sock.send_multipart(frames_out, zmq.NOBLOCK)
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
+            err = self._wait(sock, zmq.POLLIN, deadline, host, port)
+            if err is not None:
                 self._drop(target)
-                self.stats["timeout"] += 1
-                return RpcReply(False, b"", "timeout")
-            # wait in slices: a peer that died after taking the request never answers, and its closed port
-            # says so at once (the simulator answers such a call "refused" too)
-            if not sock.poll(max(1, int(min(left, DEAD_PEER_CHECK_S) * 1000)), zmq.POLLIN):
-                if self._probe(host, port, DEAD_PEER_CHECK_S) == "refused":
-                    self._drop(target)
-                    self.stats["refused"] += 1
-                    return RpcReply(False, b"", "refused")
-                continue
+                self.stats[err] += 1
+                return RpcReply(False, b"", err)
             frames = sock.recv_multipart()
             if len(frames) != 3:
                 self._drop(target)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -74,6 +78,58 @@ def test_call_to_port_without_server_is_refused_quickly():
     r = c.call(f"127.0.0.1:{port}", "echo", b"", 5.0)
     assert (r.ok, r.error) == (False, "refused")
     assert time.monotonic() - t < 0.5
+
+
+def test_peer_dying_between_probe_and_connect_is_refused_not_timed_out(monkeypatch):
+    """The race of real-cpu-kill-rank under load: the connect probe still found the peer's port open, then the
+    peer died before zmq's own connection came up. The send waits for the connection in slices and re-probes,
+    so the call ends "refused" at once instead of after the whole timeout (which outlived the stall window)."""
+    port = free_port()  # nobody listens: zmq's connection never comes up
+    c = RpcClient()
+    real_probe = c._probe
+    probes = []
+
+    def probe_alive_first(host: str, p: int, timeout_s: float) -> str | None:
+        probes.append(p)
+        return None if len(probes) == 1 else real_probe(host, p, timeout_s)
+
+    monkeypatch.setattr(c, "_probe", probe_alive_first)
+    try:
+        r = c.call(f"127.0.0.1:{port}", "echo", b"", 30.0)
+        assert (r.ok, r.error) == (False, "refused")
+        assert len(probes) >= 2 and c.stats["refused"] == 1
+    finally:
+        c.close()
+
+
+SLOW_SERVER = """
+import sys, time
+from mooncake_real.rpc import RpcServer
+s = RpcServer()
+assert s.bind(int(sys.argv[1])).ok
+s.serve(int(sys.argv[1]), lambda method, payload: time.sleep(60) or b"late")
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_peer_killed_after_taking_the_request_is_refused():
+    port = free_port()
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=repo))
+    c = RpcClient()
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        killer = threading.Timer(0.5, proc.kill)
+        killer.start()
+        r = c.call(f"127.0.0.1:{port}", "slow", b"", 30.0)
+        killer.join()
+        assert (r.ok, r.error) == (False, "refused")
+    finally:
+        c.close()
+        proc.kill()
+        proc.wait()
 
 
 def test_bound_but_not_served_times_out():

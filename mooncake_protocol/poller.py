@@ -258,6 +258,8 @@ def poller(process: object) -> Activity:
                 if conn.state is PeerState.WAITING_STORE and now - conn.last_check_s < conn.backoff_s:
                     connecting = True  # poll_peer would return at once (back-off not elapsed)
                     continue
+                if conn.state is PeerState.CONNECTED and b.peer_connected[peer] and b.process.global_connected[peer]:
+                    continue  # poll_peer would return at once (a healthy connection)
                 yield from poll_peer(b, peer, now)
                 if b.peers[peer].state is not PeerState.CONNECTED:
                     connecting = True

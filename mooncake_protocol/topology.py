@@ -1085,6 +1085,34 @@ def _reverse(hops: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(b, a) for a, b in reversed(hops)]
 
 
+def _reverse_t(hops: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    return tuple((b, a) for a, b in reversed(hops))
+
+
+def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, tuple[tuple[str, str], ...], float] | NoPath:
+    """One side of an RDMA path (cached per endpoint; a path joins two of them): the first NIC of the best
+    non-empty TENT tier for the memory's label, the edges from the memory to it and their bottleneck."""
+    key = ("rdma-leg", ep)
+    cache = topo._idx.cache
+    hit = cache.get(key)
+    if hit is None:
+        label = f"cuda:{ep.gpu}" if ep.memory == "gpu" else f"cpu:{ep.numa}"
+        tiers = nic_tiers(topo, ep.host, label)
+        name = next((t[0] for t in tiers if t), None)
+        if name is None:
+            hit = NoPath("rdma", f"host {ep.host} has no RDMA NIC")
+        else:
+            nic = next(n for n in nics(topo, ep.host, "rdma") if n.name == name)
+            if ep.memory == "gpu" and not nic.gpudirect:
+                hit = NoPath("rdma", f"NIC {nic.name} of {ep.host} has no GPUDirect RDMA, so GPU {ep.gpu}'s memory "
+                                     "cannot be registered on it")
+            else:
+                hops = tuple(_to_nic(topo, ep, nic))
+                hit = (nic, hops, min([math.inf] + [_edge(topo, a, b)["bandwidth_Bps"] for a, b in hops]))
+        cache[key] = hit
+    return hit  # type: ignore[no-any-return]
+
+
 def _common_switch(topo: Topology, a: str, b: str) -> tuple[str, int] | None:
     g = topo.graph
     for sw in g.neighbors(a):
@@ -1187,30 +1215,25 @@ def _path(topo: Topology, src: Endpoint, dst: Endpoint, transport: str) -> Path 
         return _make_path(topo, "shm", hops, cls["shm"].latency_s, cls["shm"].bandwidth_Bps)
 
     if transport == "rdma":
-        picked: list[Nic] = []
+        legs = []
         for ep in (src, dst):
-            label = f"cuda:{ep.gpu}" if ep.memory == "gpu" else f"cpu:{ep.numa}"
-            tiers = nic_tiers(topo, ep.host, label)
-            name = next((t[0] for t in tiers if t), None)
-            if name is None:
-                return NoPath("rdma", f"host {ep.host} has no RDMA NIC")
-            nic = next(n for n in nics(topo, ep.host, "rdma") if n.name == name)
-            if ep.memory == "gpu" and not nic.gpudirect:
-                return NoPath("rdma", f"NIC {nic.name} of {ep.host} has no GPUDirect RDMA, so GPU {ep.gpu}'s memory "
-                                      "cannot be registered on it")
-            picked.append(nic)
-        na, nb = picked
-        hops = _to_nic(topo, src, na)
+            leg = _rdma_leg(topo, ep)
+            if isinstance(leg, NoPath):
+                return leg
+            legs.append(leg)
+        (na, hops_a, bw_a), (nb, hops_b, bw_b) = legs
         latency = cls["rdma"].latency_s
+        bw = min(bw_a, bw_b)
+        mid: list[tuple[str, str]] = []
         if na != nb:
             sw = _common_switch(topo, na.node, nb.node)
             if sw is None:
                 return NoPath("rdma", f"no rdma network joins NIC {na.name} of {na.host} and NIC {nb.name} of "
                                       f"{nb.host}")
-            hops += [(na.node, sw[0]), (sw[0], nb.node)]
+            mid = [(na.node, sw[0]), (sw[0], nb.node)]
+            bw = min(bw, _edge(topo, *mid[0])["bandwidth_Bps"], _edge(topo, *mid[1])["bandwidth_Bps"])
             latency += (sw[1] - 1) * cls["network"].latency_s
-        hops += _reverse(_to_nic(topo, dst, nb))
-        return _make_path(topo, "rdma", hops, latency)
+        return Path("rdma", hops_a + tuple(mid) + _reverse_t(hops_b), float(bw), latency)
 
     # tcp
     if same_host:

@@ -146,6 +146,10 @@ class Worker:
         self.cuda_task_count = 0
         self.done_tasks = 0
         self.seq = 0
+        #: every slot idle (or done) and nothing else can move them: the task table as it was then, and
+        #: ``_moves`` (slot state changes) at that time; the same table at the same count is still "no"
+        self._idle_seen: tuple[bytes, int] | None = None
+        self._moves = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -172,6 +176,7 @@ class Worker:
 
     def _set(self, s: Slot, event: SlotEvent) -> None:
         s.state = slot_transition(s.state, event)
+        self._moves += 1
 
     def _progress_possible(self, reader: fx.MemoryReader) -> bool:
         """Whether a worker pass could change anything now. It mirrors :meth:`step` (same per-peer reading of
@@ -179,7 +184,10 @@ class Worker:
         assert self.table is not None
         engine = self.proc.engine
         table = reader.read(self.table.rid, 0, NUM_SLOTS * SLOT_BYTES)  # one read: flags and sequence numbers
+        if self._idle_seen == (table, self._moves):
+            return False  # all idle, and neither the table nor a slot changed since the last "no"
         seen: dict[int, tuple[str, ...]] = {}
+        idle = True
         for s in self.slots:
             base = s.index * SLOT_BYTES
             seq = int.from_bytes(table[base + _SEQ_AT:base + _SEQ_AT + 4], "little", signed=True)
@@ -188,6 +196,7 @@ class Worker:
                     if s.state is SlotState.IDLE or seq != s.seq_seen:
                         return True
                 continue
+            idle = False
             if seq != s.seq_seen or s.task is None:
                 return True  # overwritten in flight
             batch = engine.batches.get(s.batch) if s.batch is not None else None
@@ -233,6 +242,8 @@ class Worker:
                     break
             if ready:
                 return True
+        if idle:
+            self._idle_seen = (table, self._moves)
         return False
 
     def _busy(self) -> bool:

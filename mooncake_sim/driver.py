@@ -191,6 +191,7 @@ class Simulation:
         self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s}
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
+        self._instant = self._instant_table()
         for f in scenario.faults:
             if f.kind == "hold_port":
                 self.network.hold(f.host, int(f.port), FOREIGN)
@@ -280,7 +281,11 @@ class Simulation:
             act.current = eff
             act.since = t0 = self.env.now
             try:
-                result = yield from self.interpret(r, act, eff)
+                instant = self._instant.get(type(eff))
+                if instant is not None:
+                    result = instant(r, act, eff)
+                else:
+                    result = yield from self.interpret(r, act, eff)
             except ProtocolError as exc:  # an effect can fail in a way the protocol must see
                 error = exc
                 result = None
@@ -384,14 +389,67 @@ class Simulation:
 
     # ------------------------------------------------------------------ effects
 
-    def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:  # noqa: C901 - one dispatch
+    def _fx_mark(self, r: SimRank, act: Act, eff: fx.Mark) -> None:
+        self._mark(r, act, eff)
+
+    def _fx_now(self, r: SimRank, act: Act, eff: fx.Now) -> float:
+        return self.env.now
+
+    def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
+        region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
+        r.regions[region.rid] = SimRegion(region, eff.zero)
+        return region
+
+    def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
+        sr = r.regions[eff.region.rid]
+        sr.label = eff.label
+        is_dev = eff.region.kind == "device"
+        sr.ipc_handle = eff.want_ipc and is_dev
+        gpu_ok = r.env.gpu is not None and topo.fabric_supported(self.topology, topo.GpuRef(r.env.host, r.env.gpu))
+        sr.fabric_handle = eff.want_fabric and is_dev and gpu_ok
+        err = None if (sr.ipc_handle or not eff.want_ipc) else "cudaIpcGetMemHandle: invalid argument (host memory)"
+        return fx.RegisterResult(sr.ipc_handle, sr.fabric_handle, err)
+
+    def _fx_read(self, r: SimRank, act: Act, eff: fx.ReadMem) -> bytes:
+        return r.regions[eff.rid].read(eff.offset, eff.length)
+
+    def _fx_write(self, r: SimRank, act: Act, eff: fx.WriteMem) -> None:
+        r.regions[eff.rid].write(eff.offset, eff.data)
+        self._host_wrote(r, eff.rid)
+
+    def _fx_bind(self, r: SimRank, act: Act, eff: fx.RpcBind) -> fx.BindResult:
+        ok = self.network.hold(r.env.host, eff.port, r.env.rank)
+        if ok:
+            r.rpc_port = eff.port
+        return fx.BindResult(ok, None if ok else "EADDRINUSE")
+
+    def _fx_serve(self, r: SimRank, act: Act, eff: fx.RpcServe) -> None:
+        self.network.serve(r.env.host, eff.port, r.env.rank, eff.handler)
+
+    def _fx_submit(self, r: SimRank, act: Act, eff: fx.SubmitTransfer) -> int:
+        return self.transfers.submit(r, eff.writes)
+
+    def _fx_poll(self, r: SimRank, act: Act, eff: fx.PollTransfer) -> tuple[str, ...]:
+        return self.transfers.status(eff.batch)
+
+    def _fx_free(self, r: SimRank, act: Act, eff: fx.FreeBatch) -> None:
+        self.transfers.free(eff.batch)
+
+    def _fx_spawn(self, r: SimRank, act: Act, eff: fx.Spawn) -> int:
+        return self.spawn(r, eff.name, eff.activity, eff.daemon).handle
+
+    def _instant_table(self) -> dict[type, Callable[[SimRank, Act, Any], Any]]:
+        """Effects that complete at once, by type: plain calls, no generator per effect (the hot path)."""
+        return {fx.Mark: self._fx_mark, fx.Now: self._fx_now, fx.Allocate: self._fx_allocate,
+                fx.Register: self._fx_register, fx.ReadMem: self._fx_read, fx.WriteMem: self._fx_write,
+                fx.RpcBind: self._fx_bind, fx.RpcServe: self._fx_serve, fx.SubmitTransfer: self._fx_submit,
+                fx.PollTransfer: self._fx_poll, fx.FreeBatch: self._fx_free, fx.Spawn: self._fx_spawn}
+
+    def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
         env = self.env
-        rank = r.env.rank
-        if isinstance(eff, fx.Mark):
-            self._mark(r, act, eff)
-            return None
-        if isinstance(eff, fx.Now):
-            return env.now
+        instant = self._instant.get(type(eff))
+        if instant is not None:
+            return instant(r, act, eff)
         if isinstance(eff, fx.Sleep):
             yield env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
             return None
@@ -420,47 +478,9 @@ class Simulation:
                 one_way = self.network.one_way(r.env.host, self.store_host)
             result = yield from self.store.request(eff, one_way)
             return result
-        if isinstance(eff, fx.Allocate):
-            region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
-            r.regions[region.rid] = SimRegion(region, eff.zero)
-            return region
-        if isinstance(eff, fx.Register):
-            sr = r.regions[eff.region.rid]
-            sr.label = eff.label
-            is_dev = eff.region.kind == "device"
-            sr.ipc_handle = eff.want_ipc and is_dev
-            gpu_ok = r.env.gpu is not None and topo.fabric_supported(self.topology, topo.GpuRef(r.env.host, r.env.gpu))
-            sr.fabric_handle = eff.want_fabric and is_dev and gpu_ok
-            err = None if (sr.ipc_handle or not eff.want_ipc) else "cudaIpcGetMemHandle: invalid argument (host memory)"
-            return fx.RegisterResult(sr.ipc_handle, sr.fabric_handle, err)
-        if isinstance(eff, fx.ReadMem):
-            return r.regions[eff.rid].read(eff.offset, eff.length)
-        if isinstance(eff, fx.WriteMem):
-            r.regions[eff.rid].write(eff.offset, eff.data)
-            self._host_wrote(r, eff.rid)
-            return None
-        if isinstance(eff, fx.RpcBind):
-            ok = self.network.hold(r.env.host, eff.port, rank)
-            if ok:
-                r.rpc_port = eff.port
-            return fx.BindResult(ok, None if ok else "EADDRINUSE")
-        if isinstance(eff, fx.RpcServe):
-            self.network.serve(r.env.host, eff.port, rank, eff.handler)
-            return None
         if isinstance(eff, fx.RpcCall):
             reply = yield from self._rpc(r, eff)
             return reply
-        if isinstance(eff, fx.SubmitTransfer):
-            bid = self.transfers.submit(r, eff.writes)
-            return bid
-        if isinstance(eff, fx.PollTransfer):
-            return self.transfers.status(eff.batch)
-        if isinstance(eff, fx.FreeBatch):
-            self.transfers.free(eff.batch)
-            return None
-        if isinstance(eff, fx.Spawn):
-            a = self.spawn(r, eff.name, eff.activity, eff.daemon)
-            return a.handle
         if isinstance(eff, fx.Join):
             target = r.acts[eff.handle]
             assert target.finished is not None

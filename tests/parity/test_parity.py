@@ -108,3 +108,9 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
     assert data["measured"]["store_ping_rtt_s"] > 0 and data["measured"]["Now_s"] > 0
     cal = load_calibration(str(out))
     assert cal.effect_cpu_s > 0 and cal.store_one_way_s is not None and cal.host_cpus
+    # WRITEs are measured through the driver's own path, and that is what the simulator is given
+    m = data["measured"]
+    for t in ("shm", "tcp"):
+        assert m[f"{t}_driver_write_small_s"] > 0 and m[f"{t}_driver_bandwidth_Bps"] > 0
+        assert getattr(cal, f"{t}_latency_s") == pytest.approx(m[f"{t}_driver_write_small_s"], rel=1e-6)
+    assert m["shm_driver_write_small_s"] > m["shm_write_small_s"]  # the registry lookup costs more than the copy

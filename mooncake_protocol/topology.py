@@ -1110,7 +1110,7 @@ def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, tuple[tuple[str, str],
                 hops = tuple(_to_nic(topo, ep, nic))
                 hit = (nic, hops, min([math.inf] + [_edge(topo, a, b)["bandwidth_Bps"] for a, b in hops]))
         cache[key] = hit
-    return hit  # type: ignore[no-any-return]
+    return hit
 
 
 def _common_switch(topo: Topology, a: str, b: str) -> tuple[str, int] | None:

@@ -1081,17 +1081,13 @@ def _to_nic(topo: Topology, ep: Endpoint, nic: Nic) -> list[tuple[str, str]]:
     return legs
 
 
-def _reverse(hops: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _reverse(hops: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(b, a) for a, b in reversed(hops)]
 
 
-def _reverse_t(hops: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    return tuple((b, a) for a, b in reversed(hops))
-
-
-def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, tuple[tuple[str, str], ...], float] | NoPath:
+def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, list[tuple[str, str]]] | NoPath:
     """One side of an RDMA path (cached per endpoint; a path joins two of them): the first NIC of the best
-    non-empty TENT tier for the memory's label, the edges from the memory to it and their bottleneck."""
+    non-empty TENT tier for the memory's label and the edges from the memory to it."""
     key = ("rdma-leg", ep)
     cache = topo._idx.cache
     hit = cache.get(key)
@@ -1107,8 +1103,7 @@ def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, tuple[tuple[str, str],
                 hit = NoPath("rdma", f"NIC {nic.name} of {ep.host} has no GPUDirect RDMA, so GPU {ep.gpu}'s memory "
                                      "cannot be registered on it")
             else:
-                hops = tuple(_to_nic(topo, ep, nic))
-                hit = (nic, hops, min([math.inf] + [_edge(topo, a, b)["bandwidth_Bps"] for a, b in hops]))
+                hit = (nic, _to_nic(topo, ep, nic))
         cache[key] = hit
     return hit
 
@@ -1221,19 +1216,18 @@ def _path(topo: Topology, src: Endpoint, dst: Endpoint, transport: str) -> Path 
             if isinstance(leg, NoPath):
                 return leg
             legs.append(leg)
-        (na, hops_a, bw_a), (nb, hops_b, bw_b) = legs
+        (na, hops_a), (nb, hops_b) = legs
+        hops = list(hops_a)
         latency = cls["rdma"].latency_s
-        bw = min(bw_a, bw_b)
-        mid: list[tuple[str, str]] = []
         if na != nb:
             sw = _common_switch(topo, na.node, nb.node)
             if sw is None:
                 return NoPath("rdma", f"no rdma network joins NIC {na.name} of {na.host} and NIC {nb.name} of "
                                       f"{nb.host}")
-            mid = [(na.node, sw[0]), (sw[0], nb.node)]
-            bw = min(bw, _edge(topo, *mid[0])["bandwidth_Bps"], _edge(topo, *mid[1])["bandwidth_Bps"])
+            hops += [(na.node, sw[0]), (sw[0], nb.node)]
             latency += (sw[1] - 1) * cls["network"].latency_s
-        return Path("rdma", hops_a + tuple(mid) + _reverse_t(hops_b), float(bw), latency)
+        hops += _reverse(hops_b)
+        return _make_path(topo, "rdma", hops, latency)
 
     # tcp
     if same_host:

@@ -68,15 +68,16 @@ def measure_store(n: int = 300) -> dict[str, float]:
     return {"store_ping_rtt_s": ping, "store_set_rtt_s": setr, "store_get_rtt_s": getr}
 
 
+def _bind_free(server: Any, first: int) -> int:
+    """Bind ``server`` to the first free port of ``first .. first + 99``; 0 when none is."""
+    return next((p for p in range(first, first + 100) if server.bind(p).ok), 0)
+
+
 def measure_rpc(n: int = 300) -> dict[str, float]:
     from .rpc import RpcClient, RpcServer
 
     server = RpcServer("127.0.0.1")
-    port = 0
-    for p in range(24600, 24700):
-        if server.bind(p).ok:
-            port = p
-            break
+    port = _bind_free(server, 24600)
     if not port:
         return {}
     server.serve(port, lambda method, payload: payload[:8])
@@ -141,7 +142,7 @@ def measure_writes(n: int = 200) -> dict[str, float]:
             owner.register(dst, "*", False, False)
             src = writer.allocate(fx.Allocate("send", "host", size, region_addr(1, 1), None, True))
             writer.register(src, "*", False, False)
-            port = next((p for p in range(24700, 24800) if server.bind(p).ok), 0)
+            port = _bind_free(server, 24700)
             if not port:
                 return {}
             server.serve(port, None)

@@ -446,10 +446,8 @@ class Simulation:
                 fx.PollTransfer: self._fx_poll, fx.FreeBatch: self._fx_free, fx.Spawn: self._fx_spawn}
 
     def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
+        """An effect that may let simulated time pass (the instant ones are :meth:`_instant_table`'s)."""
         env = self.env
-        instant = self._instant.get(type(eff))
-        if instant is not None:
-            return instant(r, act, eff)
         if isinstance(eff, fx.Sleep):
             yield env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
             return None

@@ -30,7 +30,7 @@ def echo_handler(method: str, payload: bytes) -> bytes:
 def store_and_rpc(spec: Any) -> fx.Activity:
     """Publish a server name, bind and serve, call every peer's echo."""
     r = spec.rank
-    port = int(spec.args["base_port"]) + r
+    port = int(spec.args["ports"][r])
     res = yield fx.RpcBind(port)
     yield fx.mark("rpc_bind", port=port, ok=res.ok, error=res.error)
     yield fx.RpcServe(port, echo_handler)
@@ -69,7 +69,7 @@ def bind_port(spec: Any) -> fx.Activity:
 def data_path(spec: Any) -> fx.Activity:
     """Two ranks: rank 1 WRITEs into rank 0's host region over shm and tcp; one WRITE to a bad address."""
     r = spec.rank
-    port = int(spec.args["base_port"]) + r
+    port = int(spec.args["ports"][r])
     res = yield fx.RpcBind(port)
     assert res.ok, res
     yield fx.RpcServe(port, echo_handler)
@@ -200,7 +200,7 @@ def fail(spec: Any) -> fx.Activity:
 def ipc_write(spec: Any) -> fx.Activity:
     """Two ranks on one GPU: rank 1 WRITEs over CUDA IPC ("nvlink") into rank 0's device region."""
     r = spec.rank
-    port = int(spec.args["base_port"]) + r
+    port = int(spec.args["ports"][r])
     res = yield fx.RpcBind(port)
     assert res.ok, res
     yield fx.RpcServe(port, echo_handler)

@@ -13,9 +13,20 @@ REPO = str(Path(__file__).resolve().parent.parent.parent)
 
 def free_port() -> int:
     """A TCP port nothing listens on right now (15000-17000 is left to the protocol's own draws)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free right now, all drawn by the OS at once. (A drawn port plus one is not
+    safe: it lies in the ephemeral range, where another socket's local port may hold it.)"""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def processes_matching(text: str) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("zmq")
 
-from real_helpers import HERE, free_port, shm_segments  # noqa: E402
+from real_helpers import HERE, free_port, free_ports, shm_segments  # noqa: E402
 
 from mooncake_protocol import effects as fx  # noqa: E402
 from mooncake_protocol.trace import Blocked  # noqa: E402
@@ -104,7 +104,7 @@ def test_pause_at_phase():
 
 @pytest.mark.timeout(60)
 def test_store_and_rpc_three_ranks():
-    r = launch(3, entry="real_activities:store_and_rpc", pythonpath=[HERE], args={"base_port": free_port()}, deadline_s=30)
+    r = launch(3, entry="real_activities:store_and_rpc", pythonpath=[HERE], args={"ports": free_ports(3)}, deadline_s=30)
     assert r.exit_codes == {0: 0, 1: 0, 2: 0}, r.logs
     for rank in range(3):
         v = r.results[rank]["value"]

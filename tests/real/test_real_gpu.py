@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import pytest
-from real_helpers import HERE, REPO, free_port  # noqa: E402
+from real_helpers import HERE, REPO, free_ports  # noqa: E402
 
 from mooncake_real.gpu import (
     REDUCE_DTYPES,
@@ -210,7 +210,7 @@ def test_ipc_copy_between_two_processes_on_one_gpu():
     pytest.importorskip("cupy")
     from mooncake_real.launcher import launch
 
-    r = launch(2, entry="real_activities:ipc_write", pythonpath=[HERE], gpus=[0, 0], args={"base_port": free_port()},
+    r = launch(2, entry="real_activities:ipc_write", pythonpath=[HERE], gpus=[0, 0], args={"ports": free_ports(2)},
                deadline_s=60)
     assert r.exit_codes == {0: 0, 1: 0}, r.logs
     assert r.results[1]["value"]["status"] == ["completed"]

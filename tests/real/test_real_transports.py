@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("zmq")
 
-from real_helpers import HERE, free_port, shm_segments  # noqa: E402
+from real_helpers import HERE, free_port, free_ports, shm_segments  # noqa: E402
 
 from mooncake_protocol import effects as fx  # noqa: E402
 from mooncake_protocol.memory import region_addr  # noqa: E402
@@ -106,7 +106,7 @@ def test_tcp_to_owner_without_server_fails_as_peer_dead(two_ranks):
 
 @pytest.mark.timeout(60)
 def test_between_two_processes():
-    r = launch(2, entry="real_activities:data_path", pythonpath=[HERE], args={"base_port": free_port()}, deadline_s=30)
+    r = launch(2, entry="real_activities:data_path", pythonpath=[HERE], args={"ports": free_ports(2)}, deadline_s=30)
     assert r.exit_codes == {0: 0, 1: 0}, r.logs
     assert r.results[1]["value"]["statuses"] == [
         "completed", "completed", "failed:address-not-found", "failed:address-not-found", "failed:no-ipc-handle"]

@@ -152,6 +152,13 @@ class Engine:
     warmed: set[int] = field(default_factory=set)
     phase: str = "bootstrap"
     _desc_bytes: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
+    #: TENT's choice per (descriptor, target range, local memory kind): (descriptor, buffer, transport), kept
+    #: only when the buffer was found (then nothing of the choice can change: a descriptor is immutable)
+    _choices: dict[tuple[int, int, int, str], tuple[SegmentDesc, BufferDesc, str | None]] = field(
+        default_factory=dict, repr=False)
+    #: per request shape (peer, transport, local kind, target label): the capability, once announced
+    _kinds: dict[tuple[int, str, str, str | None], str] = field(default_factory=dict, repr=False)
+    _local_nics: dict[int, str] = field(default_factory=dict, repr=False)  # rid -> the NIC its label picks
 
     def __post_init__(self) -> None:
         self.rng = random.Random(f"mooncake:{self.env.seed}:{self.env.rank}")
@@ -295,6 +302,7 @@ class Engine:
         else:
             offered = self.transports
         self.labels[region.rid] = label
+        self._local_nics.pop(region.rid, None)
         nic = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
         self.buffers.append(BufferDesc(region.addr, region.size, label, offered, nic))
         yield mark("registered", region=region.name, label=label, kind=region.kind, offered=list(offered))
@@ -366,9 +374,10 @@ class Engine:
     def _choose(self, req: Request) -> None:
         req.transport = None
         req.buf = None
-        if req.seg is None:
+        seg = req.seg
+        if seg is None:
             return
-        buf = req.buf = req.seg.find(req.dst_addr, req.length)
+        buf = req.buf = seg.find(req.dst_addr, req.length)
         if self.kind == "te":
             req.transport = self.transports[0] if self.transports else None
             return
@@ -376,18 +385,26 @@ class Engine:
             # unknown target buffer: TENT cannot resolve a transport for it
             return
         local_type = "gpu" if req.src.kind == "device" else "dram"
-        t, _ = tp.tent_select(buf.offered, local_type, buf.label, same_machine=self.same_machine(req.seg),
+        t, _ = tp.tent_select(buf.offered, local_type, buf.label, same_machine=self.same_machine(seg),
                               gpudirect=self.env.gpudirect, cuda_platform=self.env.cuda_platform)
         req.transport = t
+        self._choices[(id(seg), req.dst_addr, req.length, req.src.kind)] = (seg, buf, t)
 
     def submit(self, reqs: list[Request]) -> Activity:
         """``submitTransfer``: resolve each request's transport and hand the batch to the hardware.
 
         Returns the engine batch id.
         """
+        choices = self._choices
         for r in reqs:
-            if r.seg is not None and r.seg.owner == r.dst_rank and r.seg.find(r.dst_addr, r.length) is None:
-                r.seg = yield from self.refresh_segment(r.seg)
+            seg = r.seg
+            if seg is not None:
+                hit = choices.get((id(seg), r.dst_addr, r.length, r.src.kind))
+                if hit is not None and hit[0] is seg:  # TENT found this buffer in this descriptor before
+                    r.buf, r.transport = hit[1], hit[2]
+                    continue
+                if seg.owner == r.dst_rank and seg.find(r.dst_addr, r.length) is None:
+                    r.seg = yield from self.refresh_segment(seg)
             self._choose(r)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch
@@ -396,13 +413,18 @@ class Engine:
         return bid
 
     def _endpoint_key(self, r: Request) -> tuple[str, int, str] | None:
-        assert r.seg is not None
-        if r.transport != "rdma" or r.seg.owner == self.env.rank:
+        if r.transport != "rdma":
             return None
-        label = self.labels.get(r.src.rid, self.env.location)
-        local = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
+        seg = r.seg
+        assert seg is not None
+        if seg.owner == self.env.rank:
+            return None
+        local = self._local_nics.get(r.src.rid)
+        if local is None:
+            label = self.labels.get(r.src.rid, self.env.location)
+            local = self._local_nics[r.src.rid] = self.env.nic_for_label.get(label) or self.env.nic_for_label.get("*", "")
         buf = r.buf
-        return (local, r.seg.owner, buf.nic if buf else "")
+        return (local, seg.owner, buf.nic if buf else "")
 
     def _handshake(self, key: tuple[str, int, str], target: str) -> Activity:
         """The active side of an RDMA endpoint handshake (``setupConnectionsByActive``), run by the engine's
@@ -470,15 +492,18 @@ class Engine:
         if not reqs:
             return
         writes = []
+        kinds = self._kinds
         for r in reqs:
             assert r.seg is not None and r.transport is not None
             buf = r.buf
-            kind = tp.capability("gpu" if r.src.kind == "device" else "dram",
-                                 tp.memory_type_of_label(buf.label) if buf else "dram")
-            seen = (r.dst_rank, r.transport, kind)
-            if seen not in self.announced:
-                self.announced.add(seen)
-                yield mark("transport", peer=r.dst_rank, transport=r.transport, kind=kind)
+            shape = (r.dst_rank, r.transport, r.src.kind, buf.label if buf else None)
+            if shape not in kinds:
+                kind = kinds[shape] = tp.capability("gpu" if r.src.kind == "device" else "dram",
+                                                    tp.memory_type_of_label(buf.label) if buf else "dram")
+                seen = (r.dst_rank, r.transport, kind)
+                if seen not in self.announced:
+                    self.announced.add(seen)
+                    yield mark("transport", peer=r.dst_rank, transport=r.transport, kind=kind)
             writes.append(fx.WriteReq(r.transport, r.src.rid, r.src_offset, r.length, r.seg.owner,
                                       r.seg.name, r.dst_addr, r.dst_rank))
         dbid = yield fx.SubmitTransfer(tuple(writes))

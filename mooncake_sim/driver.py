@@ -182,6 +182,7 @@ class Simulation:
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
+        self.regions_version = 0  # bumped when a region is allocated or registered or a rank dies (plan caches)
         self.stop = self.env.event()
         self.killed: list[int] = []
         self.fast_forward = fast_forward
@@ -381,6 +382,7 @@ class Simulation:
         if not r.alive:
             return
         r.alive = False
+        self.regions_version += 1
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
         self.marks.append({"type": "mark", "rank": r.env.rank, "activity": "driver", "t": round(self.env.now, 9),
@@ -398,11 +400,13 @@ class Simulation:
     def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
         region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
         r.regions[region.rid] = SimRegion(region, eff.zero)
+        self.regions_version += 1
         return region
 
     def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
         sr = r.regions[eff.region.rid]
         sr.label = eff.label
+        self.regions_version += 1
         is_dev = eff.region.kind == "device"
         sr.ipc_handle = eff.want_ipc and is_dev
         gpu_ok = r.env.gpu is not None and topo.fabric_supported(self.topology, topo.GpuRef(r.env.host, r.env.gpu))

@@ -23,7 +23,7 @@ import simpy
 from mooncake_protocol import effects as fx
 from mooncake_protocol import topology as topo
 from mooncake_protocol.fabric import TargetInfo, write_failure
-from mooncake_protocol.memory import split_addr
+from mooncake_protocol.memory import OFFSET_MASK, RID_MASK, RID_SHIFT, split_addr
 
 from .gpu import Op
 
@@ -59,6 +59,7 @@ class TransferModel:
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
     _edge_bw: dict[tuple[str, str], float] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
+    _plans: dict[tuple[int, int, int, int, str], tuple[Any, ...]] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
@@ -160,12 +161,11 @@ class TransferModel:
         owner = self.sim.ranks[w.dst_owner]
         if not owner.alive:
             return False
-        parts = split_addr(w.dst_addr)
-        region = owner.regions.get(parts.rid)
+        region = owner.regions.get((w.dst_addr >> RID_SHIFT) & RID_MASK)
         if region is None:
             return False
         if payload:
-            region.write(parts.offset, payload)
+            region.write(w.dst_addr & OFFSET_MASK, payload)
         return True
 
     def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]:
@@ -187,7 +187,24 @@ class TransferModel:
         return hit
 
     def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
-        """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE."""
+        """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE.
+
+        What a WRITE between two registered regions may do depends only on the regions, the ranks and the
+        transport, so a successful plan is kept per (rank, source region, target region, owner, transport)
+        until some region is allocated or registered or a rank dies (``Simulation.regions_version``); per
+        WRITE only the target range, the payload and MNNVL's size rule are looked at again."""
+        sim = self.sim
+        key = (r.env.rank, w.src_rid, w.dst_addr >> RID_SHIFT, w.dst_owner, w.transport)
+        hit = self._plans.get(key)
+        if hit is None or hit[0] != sim.regions_version or not hit[1].region.contains(w.dst_addr, w.length):
+            return self._plan_slow(r, w, key)
+        _, _, src, lat, cap, edges, cuda = hit
+        payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
+        if cuda == "mnnvl":
+            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
+        return lat, cap, None, payload, edges, cuda
+
+    def _plan_slow(self, r: SimRank, w: fx.WriteReq, key: tuple[int, int, int, int, str]) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
@@ -224,14 +241,18 @@ class TransferModel:
             cap = cap if not c_bw else c_bw
         # sizes mode moves only lengths; small control words (flags) are always carried exactly
         payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
-        cuda = None
+        cuda = None  # which stream the CUDA call goes to; "mnnvl": decided by the WRITE's size
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":
                 cuda = "transfer"
-            elif w.transport == "mnnvl" and w.length < MNNVL_SYNC_LIMIT:
-                cuda = "legacy"
+            elif w.transport == "mnnvl":
+                cuda = "mnnvl"
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
                 cuda = "legacy"
+        assert dst is not None
+        self._plans[key] = (sim.regions_version, dst, src, lat, cap, edges, cuda)
+        if cuda == "mnnvl":
+            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
         return lat, cap, None, payload, edges, cuda
 
     def _share(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:

@@ -41,6 +41,8 @@ PROBE_TIMEOUT_S = 2.0
 ACTIVE_DONE, ACTIVE_SET, ACTIVE_TIMED_OUT = 0, 1, 3
 _SEQ_AT = TASK_OFFSET + 24  # byte offset of ``seq`` in a slot
 _FLAG_SET = (1).to_bytes(4, "little")
+#: every slot's ``active`` flag (unsigned) and task ``seq`` (signed) in one read of the whole table
+_TABLE_WORDS = struct.Struct("<" + f"I{_SEQ_AT - 4}xi{SLOT_BYTES - _SEQ_AT - 4}x" * NUM_SLOTS)
 
 
 class Op(enum.IntEnum):
@@ -188,11 +190,11 @@ class Worker:
             return False  # all idle, and neither the table nor a slot changed since the last "no"
         seen: dict[int, tuple[str, ...]] = {}
         idle = True
+        words = _TABLE_WORDS.unpack(table)
         for s in self.slots:
-            base = s.index * SLOT_BYTES
-            seq = int.from_bytes(table[base + _SEQ_AT:base + _SEQ_AT + 4], "little", signed=True)
-            if s.state in (SlotState.IDLE, SlotState.DONE):
-                if int.from_bytes(table[base:base + 4], "little") == ACTIVE_SET:
+            flag, seq = words[2 * s.index], words[2 * s.index + 1]
+            if s.state is SlotState.IDLE or s.state is SlotState.DONE:
+                if flag == ACTIVE_SET:
                     if s.state is SlotState.IDLE or seq != s.seq_seen:
                         return True
                 continue

@@ -182,7 +182,6 @@ class Simulation:
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
-        self.regions_version = 0  # bumped when a region is allocated or registered or a rank dies (plan caches)
         self.stop = self.env.event()
         self.killed: list[int] = []
         self.fast_forward = fast_forward
@@ -213,25 +212,30 @@ class Simulation:
     def dirty(self, rank: int) -> None:
         """Something of ``rank`` may have changed: re-check its waiters."""
         r = self.ranks[rank]
-        if not r.waiters or r.reader is None:
+        waiters, reader = r.waiters, r.reader
+        if not waiters or reader is None:
             return
-        still = []
-        for w in r.waiters:
+        still: list[Waiter] | None = None  # built only once some waiter leaves (most calls change nothing)
+        for i, w in enumerate(waiters):
+            if not w.event.triggered and not w.effect.predicate(reader):
+                if still is not None:
+                    still.append(w)
+                continue
+            if still is None:
+                still = waiters[:i]
             if w.event.triggered:
                 continue
-            if w.effect.predicate(r.reader):
-                if w.tick:
-                    # a polling driver sees it at its next check: t0 + k * tick
-                    k = max(1, math.ceil((self.env.now - w.t0) / w.tick - 1e-9))
-                    at = w.t0 + k * w.tick
-                    if at > self.env.now:
-                        t = self.env.timeout(at - self.env.now)
-                        t.callbacks.append(lambda _e, ev=w.event: None if ev.triggered else ev.succeed(True))
-                        continue
-                w.event.succeed(True)
-            else:
-                still.append(w)
-        r.waiters = still
+            if w.tick:
+                # a polling driver sees it at its next check: t0 + k * tick
+                k = max(1, math.ceil((self.env.now - w.t0) / w.tick - 1e-9))
+                at = w.t0 + k * w.tick
+                if at > self.env.now:
+                    t = self.env.timeout(at - self.env.now)
+                    t.callbacks.append(lambda _e, ev=w.event: None if ev.triggered else ev.succeed(True))
+                    continue
+            w.event.succeed(True)
+        if still is not None:
+            r.waiters = still
 
     def _poll_tick(self, poll_s: float) -> float:
         """The period at which the real driver re-checks a ``WaitUntil`` (0.0: uncalibrated, notice at once):
@@ -258,14 +262,15 @@ class Simulation:
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
         coalesce = not (self.cal.effect_cpu_s or self.cal.alloc_s or self.cal.register_s)
+        env, instants, rank = self.env, self._instant, r.env.rank  # the hot loop: locals, not attributes
         while True:
             if not r.alive:
                 break
-            if r.paused_until > self.env.now:
+            if r.paused_until > env.now:
                 if pending_dirty:
                     pending_dirty = False
-                    self.dirty(r.env.rank)
-                yield self.env.timeout(r.paused_until - self.env.now)
+                    self.dirty(rank)
+                yield env.timeout(r.paused_until - env.now)
             try:
                 eff = gen.throw(error) if error is not None else gen.send(result)
             except StopIteration as stop:
@@ -276,13 +281,13 @@ class Simulation:
                 self._mark(r, act, fx.mark("error", text=str(exc), cause=exc.cause))
                 break
             error = None
-            if pending_dirty and type(eff) not in _INSTANT_EFFECTS:
+            instant = instants.get(type(eff))
+            if pending_dirty and instant is None and type(eff) not in _INSTANT_EFFECTS:
                 pending_dirty = False
-                self.dirty(r.env.rank)
+                self.dirty(rank)
             act.current = eff
-            act.since = t0 = self.env.now
+            act.since = t0 = env.now
             try:
-                instant = self._instant.get(type(eff))
                 if instant is not None:
                     result = instant(r, act, eff)
                 else:
@@ -291,7 +296,7 @@ class Simulation:
                 error = exc
                 result = None
             self.effect_count += 1
-            if self.progress is not None and self.effect_count % 20000 == 0:
+            if self.progress is not None and not self.effect_count % 20000:
                 self._report_progress()
             if not coalesce:
                 yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
@@ -382,7 +387,6 @@ class Simulation:
         if not r.alive:
             return
         r.alive = False
-        self.regions_version += 1
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
         self.marks.append({"type": "mark", "rank": r.env.rank, "activity": "driver", "t": round(self.env.now, 9),
@@ -400,13 +404,11 @@ class Simulation:
     def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
         region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
         r.regions[region.rid] = SimRegion(region, eff.zero)
-        self.regions_version += 1
         return region
 
     def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
         sr = r.regions[eff.region.rid]
         sr.label = eff.label
-        self.regions_version += 1
         is_dev = eff.region.kind == "device"
         sr.ipc_handle = eff.want_ipc and is_dev
         gpu_ok = r.env.gpu is not None and topo.fabric_supported(self.topology, topo.GpuRef(r.env.host, r.env.gpu))

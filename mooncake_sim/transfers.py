@@ -23,12 +23,13 @@ import simpy
 from mooncake_protocol import effects as fx
 from mooncake_protocol import topology as topo
 from mooncake_protocol.fabric import TargetInfo, write_failure
-from mooncake_protocol.memory import OFFSET_MASK, RID_MASK, RID_SHIFT, split_addr
+from mooncake_protocol.memory import OFFSET_MASK, OWNER_SHIFT, RID_MASK, RID_SHIFT, split_addr
 
 from .gpu import Op
 
 if TYPE_CHECKING:
     from .driver import SimRank, Simulation
+    from .memory import SimRegion
 
 MNNVL_SYNC_LIMIT = 128 << 20
 FAIL_LATENCY_S = 2e-6
@@ -59,7 +60,7 @@ class TransferModel:
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
     _edge_bw: dict[tuple[str, str], float] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
-    _plans: dict[tuple[int, int, int, int, str], tuple[Any, ...]] = field(default_factory=dict)
+    _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
@@ -189,22 +190,36 @@ class TransferModel:
     def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
         """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE.
 
-        What a WRITE between two registered regions may do depends only on the regions, the ranks and the
-        transport, so a successful plan is kept per (rank, source region, target region, owner, transport)
-        until some region is allocated or registered or a rank dies (``Simulation.regions_version``); per
-        WRITE only the target range, the payload and MNNVL's size rule are looked at again."""
+        Whether and how a WRITE into a registered region of a live rank goes depends only on the two ranks,
+        the kinds and devices of the two regions, the target's handles and the transport: a successful plan
+        is kept under exactly those (:meth:`_plan_key`); per WRITE the target range, the payload and MNNVL's
+        size rule are looked at again. Anything else (a dead or unknown owner, an unregistered target, a
+        failure) takes the full path."""
         sim = self.sim
-        key = (r.env.rank, w.src_rid, w.dst_addr >> RID_SHIFT, w.dst_owner, w.transport)
-        hit = self._plans.get(key)
-        if hit is None or hit[0] != sim.regions_version or not hit[1].region.contains(w.dst_addr, w.length):
-            return self._plan_slow(r, w, key)
-        _, _, src, lat, cap, edges, cuda = hit
-        payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
-        if cuda == "mnnvl":
-            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
-        return lat, cap, None, payload, edges, cuda
+        addr, owner_rank = w.dst_addr, w.dst_owner
+        if (addr >> OWNER_SHIFT) - 1 == owner_rank and 0 <= owner_rank < len(sim.ranks):
+            owner = sim.ranks[owner_rank]
+            dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
+            src = r.regions.get(w.src_rid)
+            if (owner.alive and dst is not None and src is not None and dst.label is not None
+                    and dst.region.contains(addr, w.length)):
+                hit = self._plans.get(self._plan_key(r, src, owner, dst, w.transport))
+                if hit is not None:
+                    lat, cap, edges, cuda = hit
+                    payload = (src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD)
+                               else b"")
+                    if cuda == "mnnvl":
+                        cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
+                    return lat, cap, None, payload, edges, cuda
+        return self._plan_slow(r, w)
 
-    def _plan_slow(self, r: SimRank, w: fx.WriteReq, key: tuple[int, int, int, int, str]) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
+    @staticmethod
+    def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:
+        sr, dr = src.region, dst.region
+        return (r.env.rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle, dst.fabric_handle,
+                transport)
+
+    def _plan_slow(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
@@ -250,7 +265,7 @@ class TransferModel:
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
                 cuda = "legacy"
         assert dst is not None
-        self._plans[key] = (sim.regions_version, dst, src, lat, cap, edges, cuda)
+        self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda)
         if cuda == "mnnvl":
             cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
         return lat, cap, None, payload, edges, cuda

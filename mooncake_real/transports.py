@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import queue
 import struct
 import threading
@@ -58,12 +59,42 @@ def read_registry(job_dir: str | Path, owner: int) -> dict[str, Any]:
         return {}
 
 
-def target_facts(job_dir: str | Path, owner: int, addr: int, length: int) -> tuple[TargetInfo | None, dict[str, Any] | None]:
-    """(TargetInfo, registry entry) of a WRITE's target, or (None, None) if the owner registered no such range."""
+class RegistryCache:
+    """Peers' registry files as last read, re-read only when a file was replaced or changed.
+
+    An owner rewrites its registry by atomic replace on every Allocate and Register, so (inode, mtime, size)
+    of the path tells whether the copy held here is current: one ``stat`` per WRITE instead of reading and
+    parsing the JSON each time (which cost 0.3-9 ms per small WRITE inside a running 4-rank job)."""
+
+    def __init__(self, job_dir: str | Path) -> None:
+        self.job_dir = Path(job_dir)
+        self._held: dict[int, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+
+    def get(self, owner: int) -> dict[str, Any] | None:
+        """The owner's regions (rid -> facts), or None when it has no registry file."""
+        path = registry_path(self.job_dir, owner)
+        try:
+            st = os.stat(path)
+        except OSError:
+            self._held.pop(owner, None)
+            return None
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        held = self._held.get(owner)
+        if held is not None and held[0] == key:
+            return held[1]
+        regions = read_registry(self.job_dir, owner)
+        self._held[owner] = (key, regions)
+        return regions
+
+
+def target_facts(job_dir: str | Path, owner: int, addr: int, length: int,
+                 regions: dict[str, Any] | None = None) -> tuple[TargetInfo | None, dict[str, Any] | None]:
+    """(TargetInfo, registry entry) of a WRITE's target, or (None, None) if the owner registered no such range.
+    ``regions``: the owner's registry as already read (else it is read from ``job_dir``)."""
     parts = split_addr(addr)
     if parts.owner != owner:
         return None, None
-    entry = read_registry(job_dir, owner).get(str(parts.rid))
+    entry = (read_registry(job_dir, owner) if regions is None else regions).get(str(parts.rid))
     if entry is None or not entry.get("registered") or parts.offset + length > int(entry["size"]):
         return None, None
     return TargetInfo(str(entry["kind"]), bool(entry["ipc"]), bool(entry["fabric"])), entry
@@ -90,6 +121,7 @@ class TransferEngine:
         self.gpu = gpu
         self.rpc_timeout_s = rpc_timeout_s
         self.peers = PeerSegments()
+        self.registries = RegistryCache(job_dir)
         self._batches: dict[int, list[str]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -145,8 +177,9 @@ class TransferEngine:
         """Carry out one WRITE; None when it completed, else the failure reason."""
         if w.dst_owner in self.blocked_to and split_addr(w.dst_addr).owner == w.dst_owner:
             return "blocked-direction"  # fault block_direction, decided where the simulator decides it
-        if registry_path(self.job_dir, w.dst_owner).exists() or split_addr(w.dst_addr).owner != w.dst_owner:
-            target, entry = target_facts(self.job_dir, w.dst_owner, w.dst_addr, w.length)
+        regions = self.registries.get(w.dst_owner)
+        if regions is not None or split_addr(w.dst_addr).owner != w.dst_owner:
+            target, entry = target_facts(self.job_dir, w.dst_owner, w.dst_addr, w.length, regions or {})
         else:  # the owner runs on another host (torchrun/SLURM): ask its server
             target, entry = self._remote_facts(w)
         path_reason = None if w.transport in REALISABLE else "cannot be realised"

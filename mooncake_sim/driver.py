@@ -62,6 +62,8 @@ class Calibration:
     poll_cap_s: float | None = None  # the real driver's longest poll sleep (WAIT_POLL_MAX_S)
     transfer_threads: float | None = None  # set: a rank's non-CUDA WRITEs run one at a time on its transfer
     #                                        thread, each on a host CPU (real mode); None: all concurrent
+    rpc_connect_s: float | None = None  # a thread's first RPC (or TCP WRITE) to a server also opens the
+    #                                     connection: this much longer; None: connections are free
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Calibration:
@@ -182,6 +184,7 @@ class Simulation:
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
+        self.connected: set[tuple[int, str, str]] = set()  # (rank, thread, server) with an open connection
         self.stop = self.env.event()
         self.killed: list[int] = []
         self.fast_forward = fast_forward
@@ -483,7 +486,7 @@ class Simulation:
             result = yield from self.store.request(eff, one_way)
             return result
         if isinstance(eff, fx.RpcCall):
-            reply = yield from self._rpc(r, eff)
+            reply = yield from self._rpc(r, eff, act.name)
             return reply
         if isinstance(eff, fx.Join):
             target = r.acts[eff.handle]
@@ -499,7 +502,18 @@ class Simulation:
             return result
         raise TypeError(f"the simulator cannot interpret {type(eff).__name__}")
 
-    def _rpc(self, r: SimRank, eff: fx.RpcCall) -> SimGen:
+    def connect_cost(self, rank: int, thread: str, target: str) -> float:
+        """Calibrated (``rpc_connect_s``): the first call of a rank's thread to a server opens its connection
+        (the real client probes the port and connects once per thread and target); 0.0 after, or uncalibrated."""
+        if not self.cal.rpc_connect_s:
+            return 0.0
+        key = (rank, thread, target)
+        if key in self.connected:
+            return 0.0
+        self.connected.add(key)
+        return self.cal.rpc_connect_s
+
+    def _rpc(self, r: SimRank, eff: fx.RpcCall, thread: str = "") -> SimGen:
         env = self.env
         host, port = self.network.resolve(r.env.host, eff.target)
         if host is None:
@@ -525,12 +539,13 @@ class Simulation:
         slow = owner.env.fault("slow_peer")
         if slow is not None:
             service += float(slow.seconds)
-        pause = max(0.0, owner.paused_until - (env.now + one_way))
-        total = 2 * one_way + service + pause
+        connect = self.connect_cost(r.env.rank, thread, eff.target)
+        pause = max(0.0, owner.paused_until - (env.now + connect + one_way))
+        total = connect + 2 * one_way + service + pause
         if total > eff.timeout_s:
             yield env.timeout(eff.timeout_s)
             return fx.RpcReply(False, b"", "timeout")
-        yield env.timeout(one_way + service + pause)
+        yield env.timeout(connect + one_way + service + pause)
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)

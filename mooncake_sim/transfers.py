@@ -296,6 +296,8 @@ class TransferModel:
         while True:
             bid, i, w, payload, edges, lat, cap = yield q.get()
             duration = self._start_flow(edges, lat, cap, w.length)
+            if w.transport == "tcp":  # the TCP transport is an RPC: its first WRITE to a server connects
+                duration += self.sim.connect_cost(r.env.rank, "transfer", w.dst_server)
             with self.sim.host_cpu(r.env.host).request() as cpu:
                 yield cpu
                 yield env.timeout(duration)

@@ -65,3 +65,25 @@ def test_calibrated_run_is_deterministic_and_no_file_changes_nothing(tmp_path: P
     assert paths[0] == paths[1], "two calibrated runs with one seed wrote different traces"
     assert paths[2] == paths[3], "Calibration() is not the uncalibrated simulator"
     assert paths[0] != paths[2]
+
+
+def test_calibrated_connections_cost_once_per_thread_and_server() -> None:
+    """``rpc_connect_s``: a thread's first RPC or TCP WRITE to a server pays the connection, later ones do not."""
+    from mooncake_sim.driver import Calibration, Simulation
+
+    sc = load_scenario("real-cpu-allreduce")
+    base = Calibration(host_cpus=2, transfer_threads=1, tcp_latency_s=3e-4, tcp_bandwidth_Bps=4e8)
+    plain = Simulation(sc, calibration=base)
+    plain.run()
+    assert plain.connected == set()
+    sim = Simulation(sc, calibration=dataclasses.replace(base, rpc_connect_s=1e-3))
+    rec = sim.run()
+    assert rec.end_reason == "completed"
+    # every rank's transfer thread wrote to all four ranks' servers over TCP (itself included): four
+    # connections each; a connection already open costs nothing
+    transfer = sorted((r, s) for r, t, s in sim.connected if t == "transfer")
+    assert [r for r, _ in transfer] == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert len({s for _, s in transfer}) == 4
+    assert sim.connect_cost(*next(iter(sim.connected))) == 0.0
+    # connecting makes the run longer, never shorter
+    assert sim.env.now > plain.env.now

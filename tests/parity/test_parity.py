@@ -114,3 +114,5 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
         assert m[f"{t}_driver_write_small_s"] > 0 and m[f"{t}_driver_bandwidth_Bps"] > 0
         assert getattr(cal, f"{t}_latency_s") == pytest.approx(m[f"{t}_driver_write_small_s"], rel=1e-6)
     assert m["shm_driver_write_small_s"] > m["shm_write_small_s"]  # the registry lookup costs more than the copy
+    # a fresh client's first call also probes the port and connects: the simulator charges the difference
+    assert m["rpc_first_call_s"] > 0 and cal.rpc_connect_s == pytest.approx(max(m["rpc_first_call_s"] - m["rpc_rtt_s"], 0))

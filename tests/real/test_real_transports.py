@@ -87,6 +87,17 @@ def test_failures(two_ranks, transport):
     assert _wait(engine, engine.submit(writes)) == ("failed:address-not-found",) * 4
 
 
+def test_registry_is_reread_when_the_owner_registers_again(two_ranks):
+    """The engine keeps a peer's registry between WRITEs; a region the owner registers later is seen at once."""
+    owner, engine, server, unreg = two_ranks
+    first = engine.submit((fx.WriteReq("shm", 1, 0, 4, 0, server, unreg.addr, 0),))
+    assert _wait(engine, first) == ("failed:address-not-found",)  # allocated, not registered: cached so
+    owner.register(unreg, "*", False, False)
+    again = engine.submit((fx.WriteReq("shm", 1, 0, 4, 0, server, unreg.addr, 0),))
+    assert _wait(engine, again) == ("completed",)
+    assert owner.read(unreg.rid, 0, 4) == b"ABCD"
+
+
 def test_transports_this_machine_cannot_carry(two_ranks):
     _, engine, server, _ = two_ranks
     base = region_addr(0, 1)

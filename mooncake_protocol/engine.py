@@ -377,6 +377,11 @@ class Engine:
         seg = req.seg
         if seg is None:
             return
+        key = (id(seg), req.dst_addr, req.length, req.src.kind)
+        hit = self._choices.get(key)
+        if hit is not None and hit[0] is seg:  # TENT found this buffer in this descriptor before
+            req.buf, req.transport = hit[1], hit[2]
+            return
         buf = req.buf = seg.find(req.dst_addr, req.length)
         if self.kind == "te":
             req.transport = self.transports[0] if self.transports else None
@@ -388,23 +393,16 @@ class Engine:
         t, _ = tp.tent_select(buf.offered, local_type, buf.label, same_machine=self.same_machine(seg),
                               gpudirect=self.env.gpudirect, cuda_platform=self.env.cuda_platform)
         req.transport = t
-        self._choices[(id(seg), req.dst_addr, req.length, req.src.kind)] = (seg, buf, t)
+        self._choices[key] = (seg, buf, t)
 
     def submit(self, reqs: list[Request]) -> Activity:
         """``submitTransfer``: resolve each request's transport and hand the batch to the hardware.
 
         Returns the engine batch id.
         """
-        choices = self._choices
         for r in reqs:
-            seg = r.seg
-            if seg is not None:
-                hit = choices.get((id(seg), r.dst_addr, r.length, r.src.kind))
-                if hit is not None and hit[0] is seg:  # TENT found this buffer in this descriptor before
-                    r.buf, r.transport = hit[1], hit[2]
-                    continue
-                if seg.owner == r.dst_rank and seg.find(r.dst_addr, r.length) is None:
-                    r.seg = yield from self.refresh_segment(seg)
+            if r.seg is not None and r.seg.owner == r.dst_rank and r.seg.find(r.dst_addr, r.length) is None:
+                r.seg = yield from self.refresh_segment(r.seg)
             self._choose(r)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch

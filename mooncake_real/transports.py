@@ -87,14 +87,13 @@ class RegistryCache:
         return regions
 
 
-def target_facts(job_dir: str | Path, owner: int, addr: int, length: int,
-                 regions: dict[str, Any] | None = None) -> tuple[TargetInfo | None, dict[str, Any] | None]:
-    """(TargetInfo, registry entry) of a WRITE's target, or (None, None) if the owner registered no such range.
-    ``regions``: the owner's registry as already read (else it is read from ``job_dir``)."""
+def target_facts(regions: dict[str, Any], owner: int, addr: int, length: int) -> tuple[TargetInfo | None, dict[str, Any] | None]:
+    """(TargetInfo, registry entry) of a WRITE's target in the owner's registry ``regions``, or (None, None) if
+    the owner registered no such range."""
     parts = split_addr(addr)
     if parts.owner != owner:
         return None, None
-    entry = (read_registry(job_dir, owner) if regions is None else regions).get(str(parts.rid))
+    entry = regions.get(str(parts.rid))
     if entry is None or not entry.get("registered") or parts.offset + length > int(entry["size"]):
         return None, None
     return TargetInfo(str(entry["kind"]), bool(entry["ipc"]), bool(entry["fabric"])), entry
@@ -179,7 +178,7 @@ class TransferEngine:
             return "blocked-direction"  # fault block_direction, decided where the simulator decides it
         regions = self.registries.get(w.dst_owner)
         if regions is not None or split_addr(w.dst_addr).owner != w.dst_owner:
-            target, entry = target_facts(self.job_dir, w.dst_owner, w.dst_addr, w.length, regions or {})
+            target, entry = target_facts(regions or {}, w.dst_owner, w.dst_addr, w.length)
         else:  # the owner runs on another host (torchrun/SLURM): ask its server
             target, entry = self._remote_facts(w)
         path_reason = None if w.transport in REALISABLE else "cannot be realised"

@@ -194,24 +194,31 @@ class TransferModel:
         the kinds and devices of the two regions, the target's handles and the transport: a successful plan
         is kept under exactly those (:meth:`_plan_key`); per WRITE the target range, the payload and MNNVL's
         size rule are looked at again. Anything else (a dead or unknown owner, an unregistered target, a
-        failure) takes the full path."""
+        failure) takes the full path, :meth:`_plan_static`."""
+        plan = self._cached_plan(r, w) or self._plan_static(r, w)
+        if isinstance(plan, str):
+            return 0.0, 0.0, plan, b"", (), None
+        lat, cap, edges, cuda = plan
+        # sizes mode moves only lengths; small control words (flags) are always carried exactly
+        payload = (r.regions[w.src_rid].read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD)
+                   else b"")
+        if cuda == "mnnvl":
+            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
+        return lat, cap, None, payload, edges, cuda
+
+    def _cached_plan(self, r: SimRank, w: fx.WriteReq) -> tuple[Any, ...] | None:
+        """The kept plan of a WRITE into a registered range of a live owner, or None."""
         sim = self.sim
         addr, owner_rank = w.dst_addr, w.dst_owner
-        if (addr >> OWNER_SHIFT) - 1 == owner_rank and 0 <= owner_rank < len(sim.ranks):
-            owner = sim.ranks[owner_rank]
-            dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
-            src = r.regions.get(w.src_rid)
-            if (owner.alive and dst is not None and src is not None and dst.label is not None
-                    and dst.region.contains(addr, w.length)):
-                hit = self._plans.get(self._plan_key(r, src, owner, dst, w.transport))
-                if hit is not None:
-                    lat, cap, edges, cuda = hit
-                    payload = (src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD)
-                               else b"")
-                    if cuda == "mnnvl":
-                        cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
-                    return lat, cap, None, payload, edges, cuda
-        return self._plan_slow(r, w)
+        if (addr >> OWNER_SHIFT) - 1 != owner_rank or not 0 <= owner_rank < len(sim.ranks):
+            return None
+        owner = sim.ranks[owner_rank]
+        dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
+        src = r.regions.get(w.src_rid)
+        if (not owner.alive or dst is None or src is None or dst.label is None
+                or not dst.region.contains(addr, w.length)):
+            return None
+        return self._plans.get(self._plan_key(r, src, owner, dst, w.transport))
 
     @staticmethod
     def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:
@@ -219,17 +226,18 @@ class TransferModel:
         return (r.env.rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle, dst.fabric_handle,
                 transport)
 
-    def _plan_slow(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
+    def _plan_static(self, r: SimRank, w: fx.WriteReq) -> tuple[Any, ...] | str:
+        """The failure of a WRITE, or its (latency, bandwidth, links, CUDA stream or "mnnvl") plan, then kept."""
         sim = self.sim
         parts = split_addr(w.dst_addr)
         if parts.owner != w.dst_owner or not 0 <= w.dst_owner < len(sim.ranks):
-            return 0.0, 0.0, "address-not-found", b"", (), None
+            return "address-not-found"
         owner = sim.ranks[w.dst_owner]
         if not owner.alive:
-            return 0.0, 0.0, "peer-dead", b"", (), None
+            return "peer-dead"
         for f in r.env.faults:
             if f.kind == "block_direction" and tuple(f.ranks) == (r.env.rank, w.dst_owner):
-                return 0.0, 0.0, "blocked-direction", b"", (), None
+                return "blocked-direction"
         dst = owner.regions.get(parts.rid)
         target = None
         if dst is not None and dst.label is not None and dst.region.contains(w.dst_addr, w.length):
@@ -242,7 +250,7 @@ class TransferModel:
         path_reason = p.reason if isinstance(p, topo.NoPath) else None
         failure = write_failure(w.transport, target, r.env.host == owner.env.host, path_reason)
         if failure is not None or not isinstance(p, topo.Path):
-            return 0.0, 0.0, failure or "no-path", b"", (), None
+            return failure or "no-path"
         cap = p.bandwidth_Bps
         if w.transport == "rdma":
             lat = p.latency_s + sim.rdma_overhead_s
@@ -254,8 +262,6 @@ class TransferModel:
             c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
             lat = lat if c_lat is None else c_lat
             cap = cap if not c_bw else c_bw
-        # sizes mode moves only lengths; small control words (flags) are always carried exactly
-        payload = src.read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD) else b""
         cuda = None  # which stream the CUDA call goes to; "mnnvl": decided by the WRITE's size
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":
@@ -265,10 +271,8 @@ class TransferModel:
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
                 cuda = "legacy"
         assert dst is not None
-        self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda)
-        if cuda == "mnnvl":
-            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
-        return lat, cap, None, payload, edges, cuda
+        plan = self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda)
+        return plan
 
     def _share(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
         """The fair share of a flow already counted on ``edges``: the bottleneck of ``bandwidth / flows``."""

@@ -25,6 +25,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,7 +37,7 @@ from .driver import WAIT_POLL_MAX_S
 SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_way_s", "effect_cpu_s",
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
-              "poll_cap_s", "transfer_threads", "rpc_connect_s")
+              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s")
 
 BIG = 4 << 20
 
@@ -247,6 +248,110 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
     return out
 
 
+#: The job :func:`measure_in_situ` runs: the default of ``mooncake-real run`` (4 CPU ranks, bootstrap,
+#: warmup, two small collectives over TCP).
+IN_SITU_SCENARIO = "real-cpu-allreduce"
+#: The rank counts :func:`calibrate` runs it at; the simulator interpolates between them by a scenario's
+#: ranks per host (the load that slows everything in a job is the number of rank processes sharing the CPUs).
+IN_SITU_RANKS = (2, 8)
+#: Effects whose cost is the driver's overhead alone (no network, no wait).
+_CHEAP = ("Now", "ReadMem", "WriteMem", "SubmitTransfer", "PollTransfer", "FreeBatch")
+_STORE_OPS = ("StoreSet", "StoreGet", "StoreCheck", "StoreAdd", "StoreDelete")
+_THREAD_STARTS = ("Spawn", "RpcServe")
+
+
+def in_situ_scenario(ranks: int | None, where: str) -> str:
+    """The bundled :data:`IN_SITU_SCENARIO` with ``ranks`` ranks (a YAML file written under ``where``; its
+    per-op ``expect`` values are dropped, as they hold for the bundled rank count only)."""
+    import yaml
+
+    from mooncake_protocol.resources import bundled_path
+
+    if ranks is None:
+        return IN_SITU_SCENARIO
+    doc = yaml.safe_load(Path(bundled_path("scenarios", IN_SITU_SCENARIO)).read_text())
+    doc["name"] = f"{IN_SITU_SCENARIO}-{ranks}"
+    doc["ranks"] = int(ranks)
+    for op in doc.get("workload") or []:
+        op.pop("expect", None)
+    path = Path(where) / f"{doc['name']}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return str(path)
+
+
+def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str, float]:
+    """Costs measured *inside a running job*, prefixed ``in_situ_``.
+
+    A job's ranks share the host's CPUs with every other rank's threads (workers re-checking every 100 us,
+    RPC servers, transfer threads, zmq I/O threads), so an effect, an RPC or a TCP WRITE there takes several
+    times what the same operation takes alone (docs/parity.md). This runs ``scenario`` for real ``runs`` times
+    and takes means from its trace (each effect's step: its span plus the gap to the same activity's next
+    effect) and from the ranks' result files (each WRITE's time on the transfer thread).
+    """
+    from mooncake_protocol.scenario import load_scenario
+
+    from .runner import run_job
+
+    sc = load_scenario(scenario)
+    steps: dict[str, list[float]] = defaultdict(list)
+    rpc_first: list[float] = []
+    rpc_rest: list[float] = []
+    writes: dict[str, list[float]] = defaultdict(list)
+    oversleep: list[float] = []
+    done = 0
+    for _ in range(runs):
+        res = run_job(sc)
+        if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
+            continue
+        done += 1
+        by_act: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+        for rec in res.trace:
+            if rec.get("type") == "effect":
+                by_act[(int(rec["rank"]), str(rec["activity"]))].append(rec)
+        seen: set[tuple[int, str, str]] = set()
+        for (rank, act), recs in by_act.items():
+            recs.sort(key=lambda r: float(r["t0"]))
+            for i, rec in enumerate(recs):
+                t0, t1, eff = float(rec["t0"]), float(rec["t1"]), str(rec["effect"])
+                nxt = float(recs[i + 1]["t0"]) if i + 1 < len(recs) else t1
+                step = max(t1, nxt) - t0
+                steps[eff].append(step)
+                if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
+                    key = (rank, act, str((rec.get("args") or {}).get("target")))
+                    (rpc_rest if key in seen else rpc_first).append(step)
+                    seen.add(key)
+                if eff == "Sleep":
+                    oversleep.append(t1 - t0 - float((rec.get("args") or {}).get("seconds", 0.0)))
+        for result in res.results.values():
+            for transport, ds in (result.get("write_s") or {}).items():
+                writes[transport] += [float(d) for d in ds]
+    if not done:
+        return {}
+    out: dict[str, float] = {"in_situ_runs": float(done), "in_situ_ranks": float(sc.ranks)}
+    cheap = [v for e in _CHEAP for v in steps.get(e, [])]
+    if cheap:
+        out["in_situ_effect_s"] = statistics.fmean(cheap)
+    store = [v for e in _STORE_OPS for v in steps.get(e, [])]
+    if store:
+        out["in_situ_store_op_s"] = statistics.fmean(store)
+    for eff in ("Allocate", "Register"):
+        if steps.get(eff):
+            out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
+    starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
+    if starts:
+        out["in_situ_thread_start_s"] = statistics.fmean(starts)
+    if rpc_rest:
+        out["in_situ_rpc_s"] = statistics.fmean(rpc_rest)
+    if rpc_first:
+        out["in_situ_rpc_first_s"] = statistics.fmean(rpc_first)
+    for transport, ds in writes.items():
+        if ds:
+            out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
+    if oversleep:
+        out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(oversleep))
+    return out
+
+
 def measure_gpu() -> dict[str, float]:
     """Kernel launch, module load, memcpy bandwidth, IPC open: only with CuPy and a device."""
     try:
@@ -276,7 +381,7 @@ def measure_gpu() -> dict[str, float]:
         fk((1,), (1,), (buf,))
         cp.cuda.Device().synchronize()
         loads.append(time.perf_counter() - t0)
-    out["module_load_fresh_s"] = statistics.median(loads)
+    out["module_load_fresh_s"] = statistics.fmean(loads)
     # what a real run pays: the launcher warms CuPy's disk cache first, so a rank's module load reads a
     # compiled cubin (time a first launch in a child process, after another child compiled it)
     import subprocess
@@ -294,7 +399,7 @@ def measure_gpu() -> dict[str, float]:
         r = subprocess.run([sys.executable, "-c", code, *srcs], capture_output=True, text=True, timeout=120, check=False)
         if r.returncode == 0 and r.stdout.strip() and i > 0:  # the first child compiles into the disk cache
             cached.append(float(r.stdout.strip().splitlines()[-1]))
-    out["module_load_s"] = statistics.median(cached) if cached else out["module_load_fresh_s"]
+    out["module_load_s"] = statistics.fmean(cached) if cached else out["module_load_fresh_s"]
     host = cp.cuda.alloc_pinned_memory(BIG * 4)
     dev_a = cp.cuda.alloc(BIG * 4)
     dev_b = cp.cuda.alloc(BIG * 4)
@@ -360,11 +465,57 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         # a thread's first call to a server: probe and connect on top of the round trip
         "rpc_connect_s": max(m["rpc_first_call_s"] - rpc_rtt, 0.0) if "rpc_first_call_s" in m else None,
     }
+    sim["thread_start_s"] = None
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}
 
 
-def calibrate(*, gpu: bool = True, quick: bool = False) -> dict[str, Any]:
+def derive_by_ranks(m: dict[str, float]) -> dict[str, dict[str, float | None]]:
+    """Per rank count measured in situ (``in_situ_r<N>_*``), the constants that replace ``sim``'s."""
+    alone = derive_sim(m)
+    out = {}
+    for n in sorted({int(k.split("_")[2][1:]) for k in m if k.startswith("in_situ_r")}):
+        prefix = f"in_situ_r{n}_"
+        part = {"in_situ_" + k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
+        if "in_situ_effect_s" in part:
+            out[str(n)] = in_situ_sim(part, alone)
+    return out
+
+
+def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str, float | None]:
+    """The constants from :func:`measure_in_situ`'s figures, which replace those of operations measured alone.
+
+    Costs inside a job already include the waits for a CPU that the job's other threads cause, so the
+    simulator charges them as they are (``host_cpus`` None: no second CPU queue on top). Every effect pays
+    ``effect_cpu_s``; what an effect costs beyond that goes to its own constant. In a job every RPC a thread
+    makes goes to a new server, so a call's round trip is taken from the TCP WRITEs (the ``__write__`` RPC
+    on an open connection) and the rest of a first call is the connection.
+    """
+    effect = m["in_situ_effect_s"]
+    out: dict[str, float | None] = {"effect_cpu_s": effect, "host_cpus": None}
+    if "in_situ_store_op_s" in m:
+        service = alone["store_service_s"] or 0.0
+        out["store_one_way_s"] = max(m["in_situ_store_op_s"] - effect - service, 0.0) / 2
+    for eff, key in (("Allocate", "alloc_s"), ("Register", "register_s")):
+        if f"in_situ_{eff}_s" in m:
+            out[key] = max(m[f"in_situ_{eff}_s"] - effect, 0.0)
+    if "in_situ_thread_start_s" in m:
+        out["thread_start_s"] = max(m["in_situ_thread_start_s"] - effect, 0.0)
+    rtt = m.get("in_situ_tcp_write_s")
+    if rtt is not None:
+        out["tcp_latency_s"] = rtt
+        service = alone["rpc_service_s"] or 0.0
+        out["rpc_one_way_s"] = max(rtt - service, 0.0) / 2
+        if "in_situ_rpc_first_s" in m:
+            out["rpc_connect_s"] = max(m["in_situ_rpc_first_s"] - effect - rtt, 0.0)
+    if "in_situ_shm_write_s" in m:
+        out["shm_latency_s"] = m["in_situ_shm_write_s"]
+    if "in_situ_oversleep_s" in m:
+        out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
+    return out
+
+
+def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) -> dict[str, Any]:
     n = 60 if quick else 300
     measured: dict[str, float] = {}
     measured.update(measure_store(n))
@@ -372,16 +523,27 @@ def calibrate(*, gpu: bool = True, quick: bool = False) -> dict[str, Any]:
     measured.update(measure_shm(n))
     measured.update(measure_writes(n))
     measured.update(measure_driver(1, n))
+    if in_situ:
+        with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
+            for ranks in IN_SITU_RANKS:
+                print(f"calibrate: a real job of {ranks} ranks, to measure costs inside it", file=sys.stderr, flush=True)
+                got = measure_in_situ(in_situ_scenario(ranks, where), runs=1 if quick else 3)
+                measured.update({k.replace("in_situ_", f"in_situ_r{ranks}_", 1): v for k, v in got.items()})
     if gpu:
         measured.update(measure_gpu())
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
-    return {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},
-            "sim": derive_sim(measured)}
+    out: dict[str, Any] = {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},
+                           "sim": derive_sim(measured)}
+    by_ranks = derive_by_ranks(measured)
+    if by_ranks:
+        out["sim_by_ranks"] = by_ranks
+    return out
 
 
 def cmd_calibrate(args: Any) -> int:
-    data = calibrate(gpu=not getattr(args, "no_gpu", False), quick=getattr(args, "quick", False))
+    data = calibrate(gpu=not getattr(args, "no_gpu", False), quick=getattr(args, "quick", False),
+                     in_situ=not getattr(args, "no_in_situ", False))
     text = json.dumps(data, indent=1) + "\n"
     if args.output:
         Path(args.output).write_text(text)

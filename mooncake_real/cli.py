@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
     cal.add_argument("--no-gpu", action="store_true", help="skip the GPU measurements")
     cal.add_argument("--quick", action="store_true", help="fewer repetitions")
+    cal.add_argument("--no-in-situ", action="store_true",
+                     help="skip running a real job (real-cpu-allreduce) to measure costs inside it; the simulator "
+                          "then uses the costs of operations measured alone, which a loaded job exceeds")
 
     disc = sub.add_parser("discover", help="write this machine's topology as a topology YAML file")
     disc.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

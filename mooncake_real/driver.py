@@ -734,6 +734,7 @@ def run_rank(spec: RankSpec) -> int:
             result.update(status="crash", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             code = 3
     result["t"] = round(driver.now(), 6)
+    result["write_s"] = {k: list(v) for k, v in list(driver.transfers.durations.items())}
     driver.finished.set()
     _write_json(spec.path("result"), result)
     for h in list(driver.handles.values()):

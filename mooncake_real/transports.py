@@ -99,6 +99,10 @@ def target_facts(regions: dict[str, Any], owner: int, addr: int, length: int) ->
     return TargetInfo(str(entry["kind"]), bool(entry["ipc"]), bool(entry["fabric"])), entry
 
 
+#: How many WRITE durations per transport a rank keeps for its result file.
+WRITES_KEPT = 2000
+
+
 class TransferEngine:
     """One rank's batches and its transfer thread."""
 
@@ -128,6 +132,9 @@ class TransferEngine:
         self._ipc_ptrs: dict[tuple[str, int], int] = {}
         #: what the transfer thread is doing now (for dumps): (description, monotonic start) or None
         self.current: tuple[str, float] | None = None
+        #: seconds each WRITE took on the transfer thread, per transport (the first WRITES_KEPT of each);
+        #: ``mooncake-real calibrate`` reads them from the result files to measure WRITEs inside a job
+        self.durations: dict[str, list[float]] = {}
         self._thread = threading.Thread(target=self._loop, name=f"transfer-{rank}", daemon=True)
         self._thread.start()
 
@@ -161,12 +168,16 @@ class TransferEngine:
             if item is None:
                 return
             bid, i, w = item
-            self.current = (f"{w.transport} WRITE of {w.length} bytes to rank {w.dst_owner}", time.monotonic())
+            t0 = time.monotonic()
+            self.current = (f"{w.transport} WRITE of {w.length} bytes to rank {w.dst_owner}", t0)
             try:
                 reason = self.execute(w)
             except Exception as exc:  # a driver fault must show as a failed request, not a dead thread
                 reason = f"driver-error:{type(exc).__name__}:{exc}"
             self.current = None
+            kept = self.durations.setdefault(w.transport, [])
+            if len(kept) < WRITES_KEPT and reason is None:
+                kept.append(round(time.monotonic() - t0, 7))
             with self._lock:
                 st = self._batches.get(bid)
                 if st is not None:

@@ -8,10 +8,11 @@ deadline, or when no protocol progress (a non-noise mark) happened for the stall
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,14 +65,47 @@ class Calibration:
     #                                        thread, each on a host CPU (real mode); None: all concurrent
     rpc_connect_s: float | None = None  # a thread's first RPC (or TCP WRITE) to a server also opens the
     #                                     connection: this much longer; None: connections are free
+    thread_start_s: float | None = None  # extra host CPU per Spawn and RpcServe (real mode starts a thread)
+    #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
+    #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
+    by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> Calibration:
+    def from_dict(d: dict[str, Any], by_ranks: dict[Any, dict[str, Any]] | None = None) -> Calibration:
         c = Calibration()
         for k, v in d.items():
-            if hasattr(c, k):
+            if hasattr(c, k) and k != "by_ranks":
                 setattr(c, k, float(v) if v is not None else None)
+        c.by_ranks = {int(n): {k: (float(v) if v is not None else None) for k, v in part.items()}
+                      for n, part in (by_ranks or {}).items()}
         return c
+
+    def for_ranks(self, n: int) -> Calibration:
+        """These constants for a host running ``n`` ranks: ``by_ranks`` interpolated linearly between the two
+        measured rank counts around ``n`` (extrapolated from the nearest two outside them, never below 0);
+        a constant that one point leaves unset (None) takes the other's value."""
+        if not self.by_ranks:
+            return self
+        pts = sorted(self.by_ranks)
+        if len(pts) == 1:
+            lo = hi = pts[0]
+        elif n <= pts[0]:
+            lo, hi = pts[0], pts[1]
+        elif n >= pts[-1]:
+            lo, hi = pts[-2], pts[-1]
+        else:
+            lo = max(p for p in pts if p <= n)
+            hi = min(p for p in pts if p >= n)
+        a, b = self.by_ranks[lo], self.by_ranks[hi]
+        w = 0.0 if hi == lo else (n - lo) / (hi - lo)
+        out: dict[str, Any] = {}
+        for k in set(a) | set(b):
+            x, y = a.get(k), b.get(k)
+            if x is None or y is None:
+                out[k] = x if y is None else y
+            else:
+                out[k] = max(0.0, x + (y - x) * w)
+        return dataclasses.replace(self, by_ranks={}, **{k: v for k, v in out.items() if hasattr(self, k)})
 
 
 @dataclass
@@ -160,9 +194,10 @@ class Simulation:
                  fast_forward: bool = True):
         self.scenario = scenario
         self.topology: topo.Topology = scenario.topology
-        self.cal = calibration or Calibration()
-        self.env = simpy.Environment()
         self.envs = make_rank_envs(scenario)
+        per_host = Counter(e.host for e in self.envs)
+        self.cal = (calibration or Calibration()).for_ranks(max(per_host.values(), default=1))
+        self.env = simpy.Environment()
         self.ranks = [SimRank(e) for e in self.envs]
         for r in self.ranks:
             r.reader = Reader(self, r)
@@ -191,7 +226,9 @@ class Simulation:
         self.ff_barriers: dict[tuple[int, int], FastForward] = {}
         self.ff_skipped = 0
         self.anomalies = 0
-        self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s}
+        start = self.cal.thread_start_s or 0.0
+        self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s, fx.Spawn: start,
+                         fx.RpcServe: start}
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
         self._instant = self._instant_table()
@@ -264,7 +301,7 @@ class Simulation:
         # that complete without simulated time passing: nobody else runs in between, so re-checking before
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
-        coalesce = not (self.cal.effect_cpu_s or self.cal.alloc_s or self.cal.register_s)
+        coalesce = not (self.cal.effect_cpu_s or self.cal.alloc_s or self.cal.register_s or self.cal.thread_start_s)
         env, instants, rank = self.env, self._instant, r.env.rank  # the hot loop: locals, not attributes
         while True:
             if not r.alive:

@@ -44,12 +44,23 @@ def load_calibration(path: str) -> Calibration:
         raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg}); regenerate it with `mooncake-real calibrate`") from None
     if not isinstance(data, dict) or not isinstance(data.get("sim"), dict):
         raise InputError(path, "sim", "missing the 'sim' section of constants; regenerate it with `mooncake-real calibrate`")
-    for k, v in data["sim"].items():
-        if not hasattr(Calibration(), k):
-            raise InputError(path, f"sim.{k}", f"unknown constant; known: {', '.join(f.name for f in dataclasses.fields(Calibration))}")
-        if v is not None and (not isinstance(v, (int, float)) or v < 0):
-            raise InputError(path, f"sim.{k}", f"must be a non-negative number of seconds, got {v!r}")
-    return Calibration.from_dict(data["sim"])
+    known = [f.name for f in dataclasses.fields(Calibration) if f.name != "by_ranks"]
+    by_ranks = data.get("sim_by_ranks") or {}
+    if not isinstance(by_ranks, dict):
+        raise InputError(path, "sim_by_ranks", "must map a rank count to constants; regenerate it with `mooncake-real calibrate`")
+    sections = [("sim", data["sim"])]
+    for n, part in by_ranks.items():
+        if not str(n).isdigit() or int(n) < 1 or not isinstance(part, dict):
+            raise InputError(path, f"sim_by_ranks.{n}", "must map a rank count (a positive integer) to constants; "
+                             "regenerate it with `mooncake-real calibrate`")
+        sections.append((f"sim_by_ranks.{n}", part))
+    for where, section in sections:
+        for k, v in section.items():
+            if k not in known:
+                raise InputError(path, f"{where}.{k}", f"unknown constant (known: {', '.join(known)}); regenerate the file with `mooncake-real calibrate`")
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
+                raise InputError(path, f"{where}.{k}", f"must be a non-negative number, got {v!r}; regenerate the file with `mooncake-real calibrate`")
+    return Calibration.from_dict(data["sim"], by_ranks)
 
 
 def with_policy(scenario: Any, preset: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -1,0 +1,78 @@
+"""Calibration measured inside real jobs: what the constants are derived from, and how a run of N ranks per
+host uses the rank counts that were measured (pure functions; the real measurement is in test_parity)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mooncake_protocol.errors import InputError
+from mooncake_protocol.scenario import load_scenario
+from mooncake_real.calibrate import derive_by_ranks, derive_sim, in_situ_sim
+from mooncake_sim.driver import Calibration, Simulation
+from mooncake_sim.runner import load_calibration
+
+
+def _cal() -> Calibration:
+    return Calibration.from_dict({"effect_cpu_s": 1e-5, "host_cpus": 2.0, "tcp_latency_s": 1e-4},
+                                 {"2": {"effect_cpu_s": 1e-4, "tcp_latency_s": 1e-3, "host_cpus": None, "alloc_s": None},
+                                  "8": {"effect_cpu_s": 4e-4, "tcp_latency_s": 4e-3, "host_cpus": None, "alloc_s": 2e-3}})
+
+
+def test_for_ranks_interpolates_between_measured_rank_counts() -> None:
+    cal = _cal()
+    assert cal.for_ranks(2).tcp_latency_s == pytest.approx(1e-3)
+    assert cal.for_ranks(8).effect_cpu_s == pytest.approx(4e-4)
+    mid = cal.for_ranks(5)
+    assert mid.tcp_latency_s == pytest.approx(2.5e-3) and mid.effect_cpu_s == pytest.approx(2.5e-4)
+    assert mid.host_cpus is None and mid.by_ranks == {}
+    assert mid.alloc_s == pytest.approx(2e-3)  # unset at 2 ranks: the other point's value
+    assert cal.for_ranks(14).tcp_latency_s == pytest.approx(7e-3)  # beyond: the line through the last two
+    assert cal.for_ranks(1).tcp_latency_s == pytest.approx(0.5e-3)
+    steep = Calibration.from_dict({}, {"2": {"tcp_latency_s": 1e-3}, "3": {"tcp_latency_s": 3e-3}})
+    assert steep.for_ranks(1).tcp_latency_s == 0.0  # never below zero
+    plain = Calibration(effect_cpu_s=1e-5)
+    assert plain.for_ranks(4) is plain
+
+
+def test_a_simulation_uses_the_constants_of_its_ranks_per_host() -> None:
+    two = Simulation(load_scenario("real-cpu-bootstrap-2"), calibration=_cal())
+    eight = Simulation(load_scenario("real-cpu-bootstrap-8"), calibration=_cal())
+    assert two.cal.tcp_latency_s == pytest.approx(1e-3) and eight.cal.tcp_latency_s == pytest.approx(4e-3)
+    assert two.cal.host_cpus is None
+
+
+def test_in_situ_figures_replace_those_measured_alone() -> None:
+    m = {"store_ping_rtt_s": 1e-4, "store_set_rtt_s": 1.2e-4, "store_get_rtt_s": 1.2e-4, "Now_s": 2e-5,
+         "rpc_rtt_s": 1e-4, "tcp_driver_write_small_s": 1.5e-4,
+         "in_situ_r4_effect_s": 1e-4, "in_situ_r4_store_op_s": 9e-4, "in_situ_r4_Allocate_s": 1.1e-3,
+         "in_situ_r4_Register_s": 6e-4, "in_situ_r4_thread_start_s": 5e-4, "in_situ_r4_tcp_write_s": 2e-3,
+         "in_situ_r4_rpc_first_s": 5e-3, "in_situ_r4_oversleep_s": 3e-4, "in_situ_r4_runs": 3.0}
+    alone = derive_sim(m)
+    assert alone["tcp_latency_s"] == 1.5e-4 and alone["host_cpus"]  # the file's "sim" keeps what was measured alone
+    part = derive_by_ranks(m)["4"]
+    assert part["effect_cpu_s"] == 1e-4 and part["host_cpus"] is None
+    assert part["alloc_s"] == pytest.approx(1e-3) and part["register_s"] == pytest.approx(5e-4)
+    assert part["thread_start_s"] == pytest.approx(4e-4)
+    assert part["store_one_way_s"] == pytest.approx((9e-4 - 1e-4 - alone["store_service_s"]) / 2)  # type: ignore[operator]
+    assert part["tcp_latency_s"] == 2e-3
+    assert part["rpc_one_way_s"] == pytest.approx((2e-3 - alone["rpc_service_s"]) / 2)  # type: ignore[operator]
+    assert part["rpc_connect_s"] == pytest.approx(5e-3 - 1e-4 - 2e-3)
+    assert part["poll_overshoot_s"] == 3e-4
+    assert in_situ_sim({"in_situ_effect_s": 1e-4}, alone) == {"effect_cpu_s": 1e-4, "host_cpus": None}
+
+
+@pytest.mark.parametrize("by_ranks, key", [
+    ({"two": {"effect_cpu_s": 1e-4}}, "sim_by_ranks.two"),
+    ({"2": {"warp_s": 1e-4}}, "sim_by_ranks.2.warp_s"),
+    ({"2": {"effect_cpu_s": -1}}, "sim_by_ranks.2.effect_cpu_s"),
+    ([1, 2], "sim_by_ranks"),
+])
+def test_a_bad_by_ranks_section_is_named(tmp_path: Path, by_ranks: object, key: str) -> None:
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"sim": {"effect_cpu_s": 1e-5}, "sim_by_ranks": by_ranks}))
+    with pytest.raises(InputError) as err:
+        load_calibration(str(path))
+    assert key in str(err.value) and "calibrate" in str(err.value)

@@ -219,21 +219,32 @@ def probe_activity(spec: Any) -> Any:
     return act()
 
 
+def effect_steps(trace: list[dict[str, Any]]) -> list[tuple[tuple[int, str], dict[str, Any], float]]:
+    """Each effect record of a real run's trace with its step: its span plus the gap to the same activity's
+    next effect (the driver's work between effects belongs to the effect before it); per (rank, activity),
+    in time order."""
+    by_act: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for rec in trace:
+        if rec.get("type") == "effect":
+            by_act[(int(rec["rank"]), str(rec["activity"]))].append(rec)
+    out = []
+    for key, recs in by_act.items():
+        recs.sort(key=lambda r: float(r["t0"]))
+        for i, rec in enumerate(recs):
+            t0, t1 = float(rec["t0"]), float(rec["t1"])
+            nxt = float(recs[i + 1]["t0"]) if i + 1 < len(recs) else t1
+            out.append((key, rec, max(t1, nxt) - t0))
+    return out
+
+
 def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
     """Per-effect time of the real driver, from the probe's trace (``ranks`` processes at once)."""
     from .launcher import launch
 
     res = launch(ranks, entry="mooncake_real.calibrate:probe_activity", args={"n": n}, deadline_s=60.0)
     by: dict[str, list[float]] = defaultdict(list)
-    spans: dict[int, list[tuple[float, float, str]]] = defaultdict(list)
-    for rec in res.trace:
-        if rec.get("type") == "effect":
-            spans[int(rec["rank"])].append((float(rec["t0"]), float(rec["t1"]), str(rec["effect"])))
-    for recs in spans.values():
-        recs.sort()
-        for i, (t0, t1, eff) in enumerate(recs):
-            nxt = recs[i + 1][0] if i + 1 < len(recs) else t1
-            by[eff].append(max(t1, nxt) - t0)  # the effect plus the step to the next one
+    for _key, rec, step in effect_steps(res.trace):
+        by[str(rec["effect"])].append(step)
     out = {f"{k}_s": statistics.median(v) for k, v in by.items()}
     for rec in res.trace:
         if rec.get("type") == "mark" and rec.get("name") == "poll_probe":
@@ -260,15 +271,13 @@ _STORE_OPS = ("StoreSet", "StoreGet", "StoreCheck", "StoreAdd", "StoreDelete")
 _THREAD_STARTS = ("Spawn", "RpcServe")
 
 
-def in_situ_scenario(ranks: int | None, where: str) -> str:
+def in_situ_scenario(ranks: int, where: str) -> str:
     """The bundled :data:`IN_SITU_SCENARIO` with ``ranks`` ranks (a YAML file written under ``where``; its
     per-op ``expect`` values are dropped, as they hold for the bundled rank count only)."""
     import yaml
 
     from mooncake_protocol.resources import bundled_path
 
-    if ranks is None:
-        return IN_SITU_SCENARIO
     doc = yaml.safe_load(Path(bundled_path("scenarios", IN_SITU_SCENARIO)).read_text())
     doc["name"] = f"{IN_SITU_SCENARIO}-{ranks}"
     doc["ranks"] = int(ranks)
@@ -295,7 +304,6 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     sc = load_scenario(scenario)
     steps: dict[str, list[float]] = defaultdict(list)
     rpc_first: list[float] = []
-    rpc_rest: list[float] = []
     writes: dict[str, list[float]] = defaultdict(list)
     oversleep: list[float] = []
     done = 0
@@ -304,24 +312,18 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
         if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
             continue
         done += 1
-        by_act: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
-        for rec in res.trace:
-            if rec.get("type") == "effect":
-                by_act[(int(rec["rank"]), str(rec["activity"]))].append(rec)
-        seen: set[tuple[int, str, str]] = set()
-        for (rank, act), recs in by_act.items():
-            recs.sort(key=lambda r: float(r["t0"]))
-            for i, rec in enumerate(recs):
-                t0, t1, eff = float(rec["t0"]), float(rec["t1"]), str(rec["effect"])
-                nxt = float(recs[i + 1]["t0"]) if i + 1 < len(recs) else t1
-                step = max(t1, nxt) - t0
-                steps[eff].append(step)
-                if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
-                    key = (rank, act, str((rec.get("args") or {}).get("target")))
-                    (rpc_rest if key in seen else rpc_first).append(step)
-                    seen.add(key)
-                if eff == "Sleep":
-                    oversleep.append(t1 - t0 - float((rec.get("args") or {}).get("seconds", 0.0)))
+        seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
+        for key, rec, step in effect_steps(res.trace):
+            eff = str(rec["effect"])
+            steps[eff].append(step)
+            if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
+                conn = (key, str((rec.get("args") or {}).get("target")))
+                if conn not in seen:
+                    rpc_first.append(step)
+                    seen.add(conn)
+            if eff == "Sleep":
+                asked = float((rec.get("args") or {}).get("seconds", 0.0))
+                oversleep.append(float(rec["t1"]) - float(rec["t0"]) - asked)
         for result in res.results.values():
             for transport, ds in (result.get("write_s") or {}).items():
                 writes[transport] += [float(d) for d in ds]
@@ -340,8 +342,6 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
     if starts:
         out["in_situ_thread_start_s"] = statistics.fmean(starts)
-    if rpc_rest:
-        out["in_situ_rpc_s"] = statistics.fmean(rpc_rest)
     if rpc_first:
         out["in_situ_rpc_first_s"] = statistics.fmean(rpc_first)
     for transport, ds in writes.items():
@@ -464,8 +464,8 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "transfer_threads": 1.0,  # transports.py: one transfer thread per rank
         # a thread's first call to a server: probe and connect on top of the round trip
         "rpc_connect_s": max(m["rpc_first_call_s"] - rpc_rtt, 0.0) if "rpc_first_call_s" in m else None,
+        "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
     }
-    sim["thread_start_s"] = None
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}
 

@@ -301,7 +301,7 @@ class Simulation:
         # that complete without simulated time passing: nobody else runs in between, so re-checking before
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
-        coalesce = not (self.cal.effect_cpu_s or self.cal.alloc_s or self.cal.register_s or self.cal.thread_start_s)
+        coalesce = not (self.cal.effect_cpu_s or any(self.cpu_cost.values()))
         env, instants, rank = self.env, self._instant, r.env.rank  # the hot loop: locals, not attributes
         while True:
             if not r.alive:

@@ -1,18 +1,25 @@
 """Parity and timing report: every bundled scenario this machine can realise, simulated and run for real.
 
-    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--json]
+    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--repeat K] [--json]
 
 For each bundled scenario whose ``realisable`` says cpu (and, with ``--gpu``, the GPU ones), runs the
 simulator (with the calibration file, if given) and ``mooncake-real run`` (a subprocess), and prints the
 canonical equality, both verdicts/causes, and per phase simulated / measured time. A phase's time is the
 longest rank's span from its ``phase`` mark to its next one; "bootstrap" starts at each rank's first
 ``phase`` mark, after process start-up and imports, in both worlds. Target: 0.8-1.25 per phase.
+
+``--repeat K`` runs each scenario K times in both worlds (the simulator with spread seeds 0..K-1, which
+draw other rank speeds where the calibration has a ``rank_spread``) and compares the median times per
+phase; a real run's times vary by 20-40% from run to run on a small host, and warmup has a race in steps
+of 50 ms (docs/parity.md), so one run against one run says little. The canonical column is "equal" only
+when every pair of runs was; the last column gives the real runs' range per phase.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from typing import Any
 
@@ -38,16 +45,30 @@ def selected(gpu: bool) -> list[str]:
     return out
 
 
-def row(p: ParityResult) -> dict[str, Any]:
-    ps, pr = p.sim.get("phase_times_s") or {}, p.real.get("phase_times_s") or {}
+def _median(xs: list[float | None]) -> float | None:
+    got = [x for x in xs if x is not None]
+    return statistics.median(got) if got else None
+
+
+def row(runs: list[ParityResult]) -> dict[str, Any]:
+    """One scenario's line from its runs: the medians of each phase's times, simulated over measured."""
+    p = runs[0]
     phases = {}
     for ph in PHASES:
-        s, r = ps.get(ph), pr.get(ph)
+        sims = [(q.sim.get("phase_times_s") or {}).get(ph) for q in runs]
+        reals = [(q.real.get("phase_times_s") or {}).get(ph) for q in runs]
+        s, r = _median(sims), _median(reals)
         empty = s is not None and r is not None and max(s, r) < EMPTY_S
+        got = [x for x in reals if x is not None]
         phases[ph] = {"sim_s": s, "real_s": r, "ratio": (s / r) if s is not None and r and not empty else None,
-                      "empty": empty}
-    return {"scenario": p.scenario, "status": p.status, "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
-            "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases, "message": p.message}
+                      "empty": empty, "sim_runs_s": sims, "real_runs_s": reals,
+                      "real_range_s": (min(got), max(got)) if got else None}
+    statuses = {q.status for q in runs}
+    status = p.status if len(statuses) == 1 else "/".join(sorted(statuses))
+    return {"scenario": p.scenario, "status": status, "runs": len(runs),
+            "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
+            "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases,
+            "message": "; ".join(sorted({q.message for q in runs if q.message}))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="also the GPU-realisable scenarios")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", nargs="*", help="these scenarios only")
+    ap.add_argument("--repeat", type=int, default=1, metavar="K",
+                    help="run each scenario K times in both worlds and compare medians (default 1)")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be 1 or more")
     cal = load_calibration(args.calibration) if args.calibration else None
     rows = []
     for name in args.only or selected(args.gpu):
-        print(f"... {name}", file=sys.stderr, flush=True)
-        rows.append(row(parity(name, calibration=cal)))
+        runs = []
+        for k in range(args.repeat):
+            print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
+            runs.append(parity(name, calibration=cal, spread_seed=k))
+            if runs[-1].status in ("unrealisable", "real-failed"):
+                break
+        rows.append(row(runs))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -73,10 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             r = f"{ph['ratio']:.2f}" if ph["ratio"] is not None else "n/a"
             return f"{_ms(ph['sim_s'])}/{_ms(ph['real_s'])}={r}"
 
-        print(f"{'scenario':<30} {'canonical':<12} {'sim':<28} {'real':<28} " + " ".join(f"{p:<24}" for p in PHASES))
+        def spread(ph: dict[str, Any]) -> str:
+            rr = ph["real_range_s"]
+            return "-" if rr is None or ph["empty"] else f"{rr[0] * 1e3:.0f}-{rr[1] * 1e3:.0f}"
+
+        many = args.repeat > 1
+        print(f"{'scenario':<30} {'canonical':<12} {'sim':<28} {'real':<28} " + " ".join(f"{p:<24}" for p in PHASES)
+              + (f" real range ms ({'/'.join(PHASES)})" if many else ""))
         for r in rows:
             print(f"{r['scenario']:<30} {r['status']:<12} {r['sim']:<28} {r['real']:<28} "
-                  + " ".join(f"{cell(r['phases'][p]):<24}" for p in PHASES))
+                  + " ".join(f"{cell(r['phases'][p]):<24}" for p in PHASES)
+                  + (" " + " / ".join(spread(r["phases"][p]) for p in PHASES) if many else ""))
     bad = [r for r in rows if r["status"] not in ("equal", "unrealisable")]
     return 1 if bad else 0
 

@@ -37,7 +37,7 @@ from .driver import WAIT_POLL_MAX_S
 SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_way_s", "effect_cpu_s",
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
-              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s")
+              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "rank_spread")
 
 BIG = 4 << 20
 
@@ -306,12 +306,16 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     rpc_first: list[float] = []
     writes: dict[str, list[float]] = defaultdict(list)
     oversleep: list[float] = []
+    spreads: list[float] = []
     done = 0
     for _ in range(runs):
         res = run_job(sc)
         if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
             continue
         done += 1
+        spread = rank_spread(res.trace)
+        if spread is not None:
+            spreads.append(spread)
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
         for key, rec, step in effect_steps(res.trace):
             eff = str(rec["effect"])
@@ -349,7 +353,23 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
             out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
     if oversleep:
         out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(oversleep))
+    if spreads:
+        out["in_situ_rank_spread"] = statistics.fmean(spreads)
     return out
+
+
+def rank_spread(trace: list[dict[str, Any]]) -> float | None:
+    """How unequal the ranks of one real run are: the coefficient of variation (population standard deviation
+    over mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one.
+    None with fewer than two ranks that did both."""
+    marks: dict[int, dict[str, float]] = defaultdict(dict)
+    for rec in trace:
+        if rec.get("type") == "mark" and rec.get("name") == "phase":
+            marks[int(rec["rank"])].setdefault(str((rec.get("data") or {}).get("phase")), float(rec["t"]))
+    spans = [m["warmup"] - m["bootstrap"] for m in marks.values() if "bootstrap" in m and "warmup" in m]
+    if len(spans) < 2 or statistics.fmean(spans) <= 0:
+        return None
+    return statistics.pstdev(spans) / statistics.fmean(spans)
 
 
 def measure_gpu() -> dict[str, float]:
@@ -465,6 +485,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         # a thread's first call to a server: probe and connect on top of the round trip
         "rpc_connect_s": max(m["rpc_first_call_s"] - rpc_rtt, 0.0) if "rpc_first_call_s" in m else None,
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
+        "rank_spread": None,  # likewise
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}
@@ -512,6 +533,8 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         out["shm_latency_s"] = m["in_situ_shm_write_s"]
     if "in_situ_oversleep_s" in m:
         out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
+    if "in_situ_rank_spread" in m:
+        out["rank_spread"] = m["in_situ_rank_spread"]
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+import random
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Generator
@@ -66,6 +67,8 @@ class Calibration:
     rpc_connect_s: float | None = None  # a thread's first RPC (or TCP WRITE) to a server also opens the
     #                                     connection: this much longer; None: connections are free
     thread_start_s: float | None = None  # extra host CPU per Spawn and RpcServe (real mode starts a thread)
+    rank_spread: float | None = None  # how much ranks of one job differ in speed, phase by phase (coefficient
+    #                                   of variation of their bootstrap times inside a real job); None: all alike
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
@@ -175,6 +178,7 @@ class SimRank:
     batches: set[int] = field(default_factory=set)
     done_times: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # last task completions
     caller: int | None = None  # handle of the rank's main activity
+    speed: float = 1.0  # calibrated rank_spread: this rank's factor on its host costs in its current phase
 
 
 RunResult = RunRecord
@@ -191,8 +195,9 @@ _INSTANT_EFFECTS: frozenset[type] = frozenset({
 class Simulation:
     def __init__(self, scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
                  progress: Callable[[str], None] | None = None, progress_every_s: float = 5.0,
-                 fast_forward: bool = True):
+                 fast_forward: bool = True, spread_seed: int = 0):
         self.scenario = scenario
+        self.spread_seed = spread_seed
         self.topology: topo.Topology = scenario.topology
         self.envs = make_rank_envs(scenario)
         per_host = Counter(e.host for e in self.envs)
@@ -365,6 +370,7 @@ class Simulation:
 
     def _cpu(self, r: SimRank, cost: float) -> SimGen:
         """Charge ``cost`` seconds of host CPU (calibration): on the host's cores, one activity of a rank at a time."""
+        cost *= r.speed
         if cost <= 0:
             return
         if not self.cal.host_cpus:
@@ -407,7 +413,19 @@ class Simulation:
             if phase in PHASES and PHASES.index(phase) >= PHASES.index(r.phase):
                 r.phase = phase
                 r.phase_t.setdefault(phase, self.env.now)
+                if self.cal.rank_spread:
+                    r.speed = self.rank_speed(r.env.rank, phase)
             self._phase_faults(r, phase)
+
+    def rank_speed(self, rank: int, phase: str) -> float:
+        """Calibrated ``rank_spread``: the factor on ``rank``'s host costs (CPU charged per effect, store and RPC
+        legs, transfer-thread WRITEs) while it is in ``phase``. Real ranks sharing a host's CPUs get unequal
+        shares for tens of milliseconds at a time, so one finishes its bootstrap well before another (and
+        finds its keys missing, docs/parity.md); drawn uniformly with mean 1 and standard deviation
+        ``rank_spread``, from the scenario seed, ``spread_seed``, the rank and the phase: a run is repeatable."""
+        cv = self.cal.rank_spread or 0.0
+        u = random.Random(f"spread:{self.scenario.seed}:{self.spread_seed}:{rank}:{phase}").uniform(-1.0, 1.0)
+        return max(0.0, 1.0 + cv * math.sqrt(3.0) * u)
 
     def _phase_faults(self, r: SimRank, phase: str) -> None:
         for f in r.env.faults:
@@ -520,7 +538,7 @@ class Simulation:
             one_way = self.cal.store_one_way_s
             if one_way is None:
                 one_way = self.network.one_way(r.env.host, self.store_host)
-            result = yield from self.store.request(eff, one_way)
+            result = yield from self.store.request(eff, one_way * r.speed)
             return result
         if isinstance(eff, fx.RpcCall):
             reply = yield from self._rpc(r, eff, act.name)
@@ -576,7 +594,8 @@ class Simulation:
         slow = owner.env.fault("slow_peer")
         if slow is not None:
             service += float(slow.seconds)
-        connect = self.connect_cost(r.env.rank, thread, eff.target)
+        connect = self.connect_cost(r.env.rank, thread, eff.target) * r.speed
+        one_way *= r.speed
         pause = max(0.0, owner.paused_until - (env.now + connect + one_way))
         total = connect + 2 * one_way + service + pause
         if total > eff.timeout_s:
@@ -803,8 +822,10 @@ class Simulation:
 
 
 def simulate(scenario: Any, *, record_effects: bool = False, calibration: Calibration | None = None,
-             progress: Callable[[str], None] | None = None, fast_forward: bool = True) -> RunResult:
+             progress: Callable[[str], None] | None = None, fast_forward: bool = True,
+             spread_seed: int = 0) -> RunResult:
     """Run one scenario in the simulator; ``progress`` gets a line every few seconds of a long run;
-    ``fast_forward=False`` simulates every chunk of a long collective in detail."""
+    ``fast_forward=False`` simulates every chunk of a long collective in detail; ``spread_seed`` draws another
+    set of rank speeds where the calibration has a ``rank_spread`` (:meth:`Simulation.rank_speed`)."""
     return Simulation(scenario, record_effects=record_effects, calibration=calibration, progress=progress,
-                      fast_forward=fast_forward).run()
+                      fast_forward=fast_forward, spread_seed=spread_seed).run()

@@ -110,17 +110,18 @@ def run_real(scenario_path: str, trace_path: str, *, deadline_s: float | None = 
     return proc.returncode, outcome, proc.stderr
 
 
-def run_sim(scenario: Any, trace_path: str, calibration: Calibration | None = None) -> dict[str, Any]:
+def run_sim(scenario: Any, trace_path: str, calibration: Calibration | None = None, spread_seed: int = 0) -> dict[str, Any]:
     """The simulator in this process; writes the trace as ``mooncake-sim run --trace`` does; the outcome JSON."""
-    rec = simulate(scenario, record_effects=True, calibration=calibration)
+    rec = simulate(scenario, record_effects=True, calibration=calibration, spread_seed=spread_seed)
     write_trace(trace_path, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
     out: dict[str, Any] = evaluate(rec, scenario).to_json()
     return out
 
 
 def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: float | None = None,
-           trace_dir: str | None = None, timeout_s: float | None = None) -> ParityResult:
-    """Run scenario ``ref`` (bundled name or path) in both worlds and compare the canonical forms."""
+           trace_dir: str | None = None, timeout_s: float | None = None, spread_seed: int = 0) -> ParityResult:
+    """Run scenario ``ref`` (bundled name or path) in both worlds and compare the canonical forms
+    (``spread_seed``: the simulator's draw of rank speeds, see :func:`~mooncake_sim.driver.simulate`)."""
     scenario = load_scenario(ref)
     path = str(Path(scenario.source).resolve())
     need = scenario.realisable
@@ -144,7 +145,7 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
         if real_out is None or not Path(real_trace).exists():
             tail = "\n".join(err.strip().splitlines()[-8:])
             return ParityResult(scenario.name, "real-failed", message=f"mooncake-real run exited {rc} without a result: {tail}")
-        sim_out = run_sim(scenario, sim_trace, calibration)
+        sim_out = run_sim(scenario, sim_trace, calibration, spread_seed)
         cs = canonical(read_trace(sim_trace), sim_out)
         cr = canonical(read_trace(real_trace), real_out)
         d = diff(cs, cr, ("sim", "real"))

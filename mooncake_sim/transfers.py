@@ -302,6 +302,7 @@ class TransferModel:
             duration = self._start_flow(edges, lat, cap, w.length)
             if w.transport == "tcp":  # the TCP transport is an RPC: its first WRITE to a server connects
                 duration += self.sim.connect_cost(r.env.rank, "transfer", w.dst_server)
+            duration *= r.speed
             with self.sim.host_cpu(r.env.host).request() as cpu:
                 yield cpu
                 yield env.timeout(duration)

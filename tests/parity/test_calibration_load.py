@@ -10,8 +10,8 @@ import pytest
 
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.scenario import load_scenario
-from mooncake_real.calibrate import derive_by_ranks, derive_sim, in_situ_sim
-from mooncake_sim.driver import Calibration, Simulation
+from mooncake_real.calibrate import derive_by_ranks, derive_sim, in_situ_sim, rank_spread
+from mooncake_sim.driver import Calibration, Simulation, simulate
 from mooncake_sim.runner import load_calibration
 
 
@@ -49,7 +49,8 @@ def test_in_situ_figures_replace_those_measured_alone() -> None:
          "rpc_rtt_s": 1e-4, "tcp_driver_write_small_s": 1.5e-4,
          "in_situ_r4_effect_s": 1e-4, "in_situ_r4_store_op_s": 9e-4, "in_situ_r4_Allocate_s": 1.1e-3,
          "in_situ_r4_Register_s": 6e-4, "in_situ_r4_thread_start_s": 5e-4, "in_situ_r4_tcp_write_s": 2e-3,
-         "in_situ_r4_rpc_first_s": 5e-3, "in_situ_r4_oversleep_s": 3e-4, "in_situ_r4_runs": 3.0}
+         "in_situ_r4_rpc_first_s": 5e-3, "in_situ_r4_oversleep_s": 3e-4, "in_situ_r4_runs": 3.0,
+         "in_situ_r4_rank_spread": 0.12}
     alone = derive_sim(m)
     assert alone["tcp_latency_s"] == 1.5e-4 and alone["host_cpus"]  # the file's "sim" keeps what was measured alone
     part = derive_by_ranks(m)["4"]
@@ -61,6 +62,7 @@ def test_in_situ_figures_replace_those_measured_alone() -> None:
     assert part["rpc_one_way_s"] == pytest.approx((2e-3 - alone["rpc_service_s"]) / 2)  # type: ignore[operator]
     assert part["rpc_connect_s"] == pytest.approx(5e-3 - 1e-4 - 2e-3)
     assert part["poll_overshoot_s"] == 3e-4
+    assert part["rank_spread"] == 0.12 and alone["rank_spread"] is None
     assert in_situ_sim({"in_situ_effect_s": 1e-4}, alone) == {"effect_cpu_s": 1e-4, "host_cpus": None}
 
 
@@ -76,3 +78,35 @@ def test_a_bad_by_ranks_section_is_named(tmp_path: Path, by_ranks: object, key: 
     with pytest.raises(InputError) as err:
         load_calibration(str(path))
     assert key in str(err.value) and "calibrate" in str(err.value)
+
+
+def _phase(rank: int, phase: str, t: float) -> dict[str, object]:
+    return {"type": "mark", "rank": rank, "activity": "caller", "t": t, "name": "phase", "data": {"phase": phase}}
+
+
+def test_rank_spread_is_the_variation_of_the_ranks_bootstrap_times() -> None:
+    trace = [_phase(0, "bootstrap", 1.0), _phase(1, "bootstrap", 1.5), _phase(0, "warmup", 1.010),
+             _phase(1, "warmup", 1.520), _phase(2, "bootstrap", 1.0)]  # rank 2 never left bootstrap
+    assert rank_spread(trace) == pytest.approx(0.005 / 0.015)  # spans 10 and 20 ms
+    assert rank_spread(trace[:3]) is None  # one rank with both marks
+
+
+def _spans(rec: object) -> list[float]:
+    marks = {(m["rank"], m["data"]["phase"]): m["t"] for m in rec.marks if m["name"] == "phase"}  # type: ignore[attr-defined]
+    return [marks[(r, "warmup")] - marks[(r, "bootstrap")] for r in range(8)]
+
+
+def test_rank_spread_gives_ranks_unequal_repeatable_speeds() -> None:
+    sc = load_scenario("real-cpu-bootstrap-8")
+    costs = {"effect_cpu_s": 2e-4, "store_one_way_s": 5e-4, "alloc_s": 1e-3, "thread_start_s": 5e-4}
+    alike = _spans(simulate(sc, calibration=Calibration.from_dict(costs)))
+    assert max(alike) - min(alike) < 0.02 * max(alike)  # without a spread only the store queue tells ranks apart
+    spread = Calibration.from_dict({**costs, "rank_spread": 0.2})
+    a, b = _spans(simulate(sc, calibration=spread)), _spans(simulate(sc, calibration=spread))
+    assert a == b  # one seed, one story
+    assert (max(a) - min(a)) > 0.15 * max(a)
+    other = _spans(simulate(sc, calibration=spread, spread_seed=1))
+    assert other != a
+    sim = Simulation(sc, calibration=spread)
+    speeds = [sim.rank_speed(r, "bootstrap") for r in range(200)]
+    assert abs(sum(speeds) / 200 - 1.0) < 0.05 and min(speeds) >= 1 - 0.2 * 3 ** 0.5 - 1e-9

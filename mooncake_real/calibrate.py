@@ -32,12 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from .driver import WAIT_POLL_MAX_S
+from .rpc import DEAD_PEER_CHECK_S
 
 #: The fields of ``mooncake_sim.driver.Calibration`` (tests/parity checks the two agree).
 SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_way_s", "effect_cpu_s",
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
-              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "rank_spread")
+              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
+              "rank_spread")
 
 BIG = 4 << 20
 
@@ -485,6 +487,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         # a thread's first call to a server: probe and connect on top of the round trip
         "rpc_connect_s": max(m["rpc_first_call_s"] - rpc_rtt, 0.0) if "rpc_first_call_s" in m else None,
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
+        "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
         "rank_spread": None,  # likewise
     }
     assert set(sim) == set(SIM_FIELDS)

@@ -67,6 +67,9 @@ class Calibration:
     rpc_connect_s: float | None = None  # a thread's first RPC (or TCP WRITE) to a server also opens the
     #                                     connection: this much longer; None: connections are free
     thread_start_s: float | None = None  # extra host CPU per Spawn and RpcServe (real mode starts a thread)
+    dead_peer_check_s: float | None = None  # an RPC (or TCP WRITE) whose server dies before answering fails at
+    #                                         the caller's next port probe, this often from the call (the real
+    #                                         driver's zmq client); None: at once
     rank_spread: float | None = None  # how much ranks of one job differ in speed, phase by phase (coefficient
     #                                   of variation of their bootstrap times inside a real job); None: all alike
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
@@ -178,6 +181,7 @@ class SimRank:
     batches: set[int] = field(default_factory=set)
     done_times: deque[float] = field(default_factory=lambda: deque(maxlen=3))  # last task completions
     caller: int | None = None  # handle of the rank's main activity
+    died_at: float | None = None  # simulated time of a kill
     speed: float = 1.0  # calibrated rank_spread: this rank's factor on its host costs in its current phase
 
 
@@ -445,6 +449,7 @@ class Simulation:
         if not r.alive:
             return
         r.alive = False
+        r.died_at = self.env.now
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
         self.marks.append({"type": "mark", "rank": r.env.rank, "activity": "driver", "t": round(self.env.now, 9),
@@ -601,10 +606,24 @@ class Simulation:
         if total > eff.timeout_s:
             yield env.timeout(eff.timeout_s)
             return fx.RpcReply(False, b"", "timeout")
+        t0 = env.now
         yield env.timeout(connect + one_way + service + pause)
+        if not owner.alive and self.cal.dead_peer_check_s:  # it died with the call in flight
+            yield from self.notice_dead(owner, t0)
+            return fx.RpcReply(False, b"", "refused")
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)
+
+    def notice_dead(self, owner: SimRank, t0: float) -> SimGen:
+        """Calibrated ``dead_peer_check_s``: a caller that sent at ``t0`` to a server that has died since waits
+        for its reply in slices of that length and probes the port after each; the probe after the death says
+        "refused"."""
+        check = self.cal.dead_peer_check_s or 0.0
+        died = owner.died_at if owner.died_at is not None else t0
+        at = t0 + check * max(1, math.ceil((died - t0) / check - 1e-9))
+        if at > self.env.now:
+            yield self.env.timeout(at - self.env.now)
 
     # ------------------------------------------------------------------ GPU
 

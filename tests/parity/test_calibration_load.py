@@ -110,3 +110,17 @@ def test_rank_spread_gives_ranks_unequal_repeatable_speeds() -> None:
     sim = Simulation(sc, calibration=spread)
     speeds = [sim.rank_speed(r, "bootstrap") for r in range(200)]
     assert abs(sum(speeds) / 200 - 1.0) < 0.05 and min(speeds) >= 1 - 0.2 * 3 ** 0.5 - 1e-9
+
+
+@pytest.mark.parametrize("died, noticed", [(0.0, 0.1), (0.03, 0.1), (0.15, 0.2), (0.2, 0.2)])
+def test_a_call_in_flight_to_a_dying_server_fails_at_the_next_port_probe(died: float, noticed: float) -> None:
+    sim = Simulation(load_scenario("real-cpu-kill-rank"), calibration=Calibration(dead_peer_check_s=0.1))
+    owner = sim.ranks[3]
+    owner.died_at = died
+
+    def caller():  # type: ignore[no-untyped-def]
+        yield from sim.notice_dead(owner, 0.0)
+
+    sim.env.process(caller())
+    sim.env.run()
+    assert sim.env.now == pytest.approx(noticed)

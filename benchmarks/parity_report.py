@@ -25,7 +25,7 @@ from typing import Any
 
 from mooncake_protocol.resources import bundled_names
 from mooncake_protocol.scenario import load_scenario
-from mooncake_sim.parity import ParityResult, parity
+from mooncake_sim.parity import ParityResult, format_parity, parity
 from mooncake_sim.runner import load_calibration
 
 PHASES = ("bootstrap", "warmup", "collective")
@@ -68,7 +68,8 @@ def row(runs: list[ParityResult]) -> dict[str, Any]:
     return {"scenario": p.scenario, "status": status, "runs": len(runs),
             "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
             "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases,
-            "message": "; ".join(sorted({q.message for q in runs if q.message}))}
+            "message": "; ".join(sorted({q.message for q in runs if q.message})),
+            "differences": [f"run {k + 1}: " + format_parity(q) for k, q in enumerate(runs) if q.status == "differ"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['scenario']:<30} {r['status']:<12} {r['sim']:<28} {r['real']:<28} "
                   + " ".join(f"{cell(r['phases'][p]):<24}" for p in PHASES)
                   + (" " + " / ".join(spread(r["phases"][p]) for p in PHASES) if many else ""))
+        for r in rows:
+            for text in r["differences"]:
+                print(f"\n{r['scenario']} {text}")
     bad = [r for r in rows if r["status"] not in ("equal", "unrealisable")]
     return 1 if bad else 0
 

@@ -266,7 +266,7 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
 IN_SITU_SCENARIO = "real-cpu-allreduce"
 #: The rank counts :func:`calibrate` runs it at; the simulator interpolates between them by a scenario's
 #: ranks per host (the load that slows everything in a job is the number of rank processes sharing the CPUs).
-IN_SITU_RANKS = (2, 8)
+IN_SITU_RANKS = (2, 4, 8)
 #: Effects whose cost is the driver's overhead alone (no network, no wait).
 _CHEAP = ("Now", "ReadMem", "WriteMem", "SubmitTransfer", "PollTransfer", "FreeBatch")
 _STORE_OPS = ("StoreSet", "StoreGet", "StoreCheck", "StoreAdd", "StoreDelete")

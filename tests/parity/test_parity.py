@@ -116,7 +116,7 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
     assert m["shm_driver_write_small_s"] > m["shm_write_small_s"]  # the registry lookup costs more than the copy
     # a fresh client's first call also probes the port and connects: the simulator charges the difference
     assert m["rpc_first_call_s"] > 0 and cal.rpc_connect_s == pytest.approx(max(m["rpc_first_call_s"] - m["rpc_rtt_s"], 0))
-    # costs inside real jobs of 2 and 8 ranks, which a run uses at its own ranks per host
+    # costs inside real jobs of 2, 4 and 8 ranks, which a run uses at its own ranks per host
     from mooncake_real.calibrate import IN_SITU_RANKS
 
     assert sorted(data["sim_by_ranks"]) == sorted(str(n) for n in IN_SITU_RANKS)
@@ -125,5 +125,7 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
         assert m[f"in_situ_r{n}_runs"] == 1 and m[f"in_situ_r{n}_tcp_write_s"] > 0
         assert part["host_cpus"] is None and part["tcp_latency_s"] == pytest.approx(m[f"in_situ_r{n}_tcp_write_s"])
         assert part["effect_cpu_s"] > 0 and part["alloc_s"] is not None
+        assert part["rank_spread"] is not None and part["rank_spread"] >= 0  # ranks of one run differ
         assert cal.for_ranks(n).tcp_latency_s == pytest.approx(part["tcp_latency_s"])
+    assert cal.dead_peer_check_s == pytest.approx(0.1)  # the real RPC client's port probe period
     assert "in situ" in proc.stderr.replace("inside it", "in situ") and "8 ranks" in proc.stderr

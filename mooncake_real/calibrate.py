@@ -267,22 +267,29 @@ IN_SITU_SCENARIO = "real-cpu-allreduce"
 #: The rank counts :func:`calibrate` runs it at; the simulator interpolates between them by a scenario's
 #: ranks per host (the load that slows everything in a job is the number of rank processes sharing the CPUs).
 IN_SITU_RANKS = (2, 4, 8)
+#: With a GPU, the CUDA job measured the same way (ranks sharing GPU 0: reduce kernels preloaded, CUDA IPC
+#: WRITEs, spin kernels): what CUDA ranks pay inside a job (module loads, launches, device allocations under
+#: contention) is not in the CPU job. It becomes ``sim_cuda_by_ranks``, used by runs with the cuda backend.
+IN_SITU_CUDA_SCENARIO = "lazy-kernel-load-1gpu-fixed"
 #: Effects whose cost is the driver's overhead alone (no network, no wait).
 _CHEAP = ("Now", "ReadMem", "WriteMem", "SubmitTransfer", "PollTransfer", "FreeBatch")
 _STORE_OPS = ("StoreSet", "StoreGet", "StoreCheck", "StoreAdd", "StoreDelete")
 _THREAD_STARTS = ("Spawn", "RpcServe")
 
 
-def in_situ_scenario(ranks: int, where: str) -> str:
-    """The bundled :data:`IN_SITU_SCENARIO` with ``ranks`` ranks (a YAML file written under ``where``; its
-    per-op ``expect`` values are dropped, as they hold for the bundled rank count only)."""
+def in_situ_scenario(ranks: int, where: str, name: str = IN_SITU_SCENARIO) -> str:
+    """The bundled scenario ``name`` with ``ranks`` ranks (a YAML file written under ``where``; its per-op
+    ``expect`` values are dropped, as they hold for the bundled rank count only; an explicit placement
+    puts every rank where its first rank is)."""
     import yaml
 
     from mooncake_protocol.resources import bundled_path
 
-    doc = yaml.safe_load(Path(bundled_path("scenarios", IN_SITU_SCENARIO)).read_text())
-    doc["name"] = f"{IN_SITU_SCENARIO}-{ranks}"
+    doc = yaml.safe_load(Path(bundled_path("scenarios", name)).read_text())
+    doc["name"] = f"{name}-{ranks}"
     doc["ranks"] = int(ranks)
+    if isinstance(doc.get("placement"), list) and doc["placement"]:
+        doc["placement"] = [dict(doc["placement"][0]) for _ in range(int(ranks))]
     for op in doc.get("workload") or []:
         op.pop("expect", None)
     path = Path(where) / f"{doc['name']}.yaml"
@@ -342,7 +349,7 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     store = [v for e in _STORE_OPS for v in steps.get(e, [])]
     if store:
         out["in_situ_store_op_s"] = statistics.fmean(store)
-    for eff in ("Allocate", "Register"):
+    for eff in ("Allocate", "Register", "LoadKernel", "Launch"):
         if steps.get(eff):
             out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
     starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
@@ -494,12 +501,13 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
     return {k: sim[k] for k in SIM_FIELDS}
 
 
-def derive_by_ranks(m: dict[str, float]) -> dict[str, dict[str, float | None]]:
-    """Per rank count measured in situ (``in_situ_r<N>_*``), the constants that replace ``sim``'s."""
+def derive_by_ranks(m: dict[str, float], job: str = "in_situ_r") -> dict[str, dict[str, float | None]]:
+    """Per rank count measured in situ (``in_situ_r<N>_*``; the CUDA job's: ``job="in_situ_cuda_r"``), the
+    constants that replace ``sim``'s."""
     alone = derive_sim(m)
     out = {}
-    for n in sorted({int(k.split("_")[2][1:]) for k in m if k.startswith("in_situ_r")}):
-        prefix = f"in_situ_r{n}_"
+    for n in sorted({int(k[len(job):].split("_")[0]) for k in m if k.startswith(job) and k[len(job):][:1].isdigit()}):
+        prefix = f"{job}{n}_"
         part = {"in_situ_" + k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}
         if "in_situ_effect_s" in part:
             out[str(n)] = in_situ_sim(part, alone)
@@ -520,7 +528,8 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
     if "in_situ_store_op_s" in m:
         service = alone["store_service_s"] or 0.0
         out["store_one_way_s"] = max(m["in_situ_store_op_s"] - effect - service, 0.0) / 2
-    for eff, key in (("Allocate", "alloc_s"), ("Register", "register_s")):
+    for eff, key in (("Allocate", "alloc_s"), ("Register", "register_s"), ("LoadKernel", "module_load_s"),
+                     ("Launch", "kernel_launch_s")):
         if f"in_situ_{eff}_s" in m:
             out[key] = max(m[f"in_situ_{eff}_s"] - effect, 0.0)
     if "in_situ_thread_start_s" in m:
@@ -557,6 +566,13 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
                 measured.update({k.replace("in_situ_", f"in_situ_r{ranks}_", 1): v for k, v in got.items()})
     if gpu:
         measured.update(measure_gpu())
+    if gpu and in_situ and "module_load_s" in measured:  # CuPy and a device are there
+        with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
+            for ranks in IN_SITU_RANKS:
+                print(f"calibrate: a real CUDA job of {ranks} ranks sharing GPU 0, to measure costs inside it",
+                      file=sys.stderr, flush=True)
+                got = measure_in_situ(in_situ_scenario(ranks, where, IN_SITU_CUDA_SCENARIO), runs=1 if quick else 3)
+                measured.update({k.replace("in_situ_", f"in_situ_cuda_r{ranks}_", 1): v for k, v in got.items()})
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
     out: dict[str, Any] = {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},
@@ -564,6 +580,9 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     by_ranks = derive_by_ranks(measured)
     if by_ranks:
         out["sim_by_ranks"] = by_ranks
+    cuda_by_ranks = derive_by_ranks(measured, "in_situ_cuda_r")
+    if cuda_by_ranks:
+        out["sim_cuda_by_ranks"] = cuda_by_ranks
     return out
 
 

@@ -75,24 +75,36 @@ class Calibration:
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    #: the same, measured inside real jobs of CUDA ranks sharing a GPU (``sim_cuda_by_ranks``): a run with the
+    #: cuda backend uses them on top of ``by_ranks``
+    cuda_by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
 
     @staticmethod
-    def from_dict(d: dict[str, Any], by_ranks: dict[Any, dict[str, Any]] | None = None) -> Calibration:
+    def from_dict(d: dict[str, Any], by_ranks: dict[Any, dict[str, Any]] | None = None,
+                  cuda_by_ranks: dict[Any, dict[str, Any]] | None = None) -> Calibration:
         c = Calibration()
         for k, v in d.items():
-            if hasattr(c, k) and k != "by_ranks":
+            if hasattr(c, k) and k not in TABLES:
                 setattr(c, k, float(v) if v is not None else None)
-        c.by_ranks = {int(n): {k: (float(v) if v is not None else None) for k, v in part.items()}
-                      for n, part in (by_ranks or {}).items()}
+        c.by_ranks, c.cuda_by_ranks = (
+            {int(n): {k: (float(v) if v is not None else None) for k, v in part.items()} for n, part in (t or {}).items()}
+            for t in (by_ranks, cuda_by_ranks))
         return c
 
-    def for_ranks(self, n: int) -> Calibration:
-        """These constants for a host running ``n`` ranks: ``by_ranks`` interpolated linearly between the two
-        measured rank counts around ``n`` (extrapolated from the nearest two outside them, never below 0);
-        a constant that one point leaves unset (None) takes the other's value."""
-        if not self.by_ranks:
-            return self
-        pts = sorted(self.by_ranks)
+    def for_ranks(self, n: int, backend: str = "cpu") -> Calibration:
+        """These constants for a host running ``n`` ranks: ``by_ranks`` (then, for the cuda ``backend``,
+        ``cuda_by_ranks``) interpolated linearly between the two measured rank counts around ``n``
+        (extrapolated from the nearest two outside them, never below 0); a constant that one point leaves
+        unset (None) takes the other's value."""
+        out = dataclasses.replace(self, by_ranks={}, cuda_by_ranks={})
+        for table in (self.by_ranks, self.cuda_by_ranks if backend == "cuda" else {}):
+            if table:
+                out = dataclasses.replace(out, **self._at(table, n))
+        return out if (self.by_ranks or (backend == "cuda" and self.cuda_by_ranks)) else self
+
+    def _at(self, table: dict[int, dict[str, float | None]], n: int) -> dict[str, Any]:
+        """The constants of ``table`` interpolated at ``n`` ranks (:meth:`for_ranks`)."""
+        pts = sorted(table)
         if len(pts) == 1:
             lo = hi = pts[0]
         elif n <= pts[0]:
@@ -102,7 +114,7 @@ class Calibration:
         else:
             lo = max(p for p in pts if p <= n)
             hi = min(p for p in pts if p >= n)
-        a, b = self.by_ranks[lo], self.by_ranks[hi]
+        a, b = table[lo], table[hi]
         w = 0.0 if hi == lo else (n - lo) / (hi - lo)
         out: dict[str, Any] = {}
         for k in set(a) | set(b):
@@ -111,7 +123,11 @@ class Calibration:
                 out[k] = x if y is None else y
             else:
                 out[k] = max(0.0, x + (y - x) * w)
-        return dataclasses.replace(self, by_ranks={}, **{k: v for k, v in out.items() if hasattr(self, k)})
+        return {k: v for k, v in out.items() if hasattr(self, k) and k not in TABLES}
+
+
+#: The fields of :class:`Calibration` that hold per-rank-count tables, not constants.
+TABLES = ("by_ranks", "cuda_by_ranks")
 
 
 @dataclass
@@ -205,7 +221,7 @@ class Simulation:
         self.topology: topo.Topology = scenario.topology
         self.envs = make_rank_envs(scenario)
         per_host = Counter(e.host for e in self.envs)
-        self.cal = (calibration or Calibration()).for_ranks(max(per_host.values(), default=1))
+        self.cal = (calibration or Calibration()).for_ranks(max(per_host.values(), default=1), scenario.backend)
         self.env = simpy.Environment()
         self.ranks = [SimRank(e) for e in self.envs]
         for r in self.ranks:

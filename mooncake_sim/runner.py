@@ -20,7 +20,7 @@ from mooncake_protocol.outcome import Outcome, evaluate, format_summary
 from mooncake_protocol.policy import PRESETS, make_policy
 from mooncake_protocol.scenario import load_scenario
 
-from .driver import Calibration, simulate
+from .driver import TABLES, Calibration, simulate
 
 FLAGSHIP = "nvl72-first-collective"
 
@@ -44,23 +44,25 @@ def load_calibration(path: str) -> Calibration:
         raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg}); regenerate it with `mooncake-real calibrate`") from None
     if not isinstance(data, dict) or not isinstance(data.get("sim"), dict):
         raise InputError(path, "sim", "missing the 'sim' section of constants; regenerate it with `mooncake-real calibrate`")
-    known = [f.name for f in dataclasses.fields(Calibration) if f.name != "by_ranks"]
-    by_ranks = data.get("sim_by_ranks") or {}
-    if not isinstance(by_ranks, dict):
-        raise InputError(path, "sim_by_ranks", "must map a rank count to constants; regenerate it with `mooncake-real calibrate`")
+    known = [f.name for f in dataclasses.fields(Calibration) if f.name not in TABLES]
     sections = [("sim", data["sim"])]
-    for n, part in by_ranks.items():
-        if not str(n).isdigit() or int(n) < 1 or not isinstance(part, dict):
-            raise InputError(path, f"sim_by_ranks.{n}", "must map a rank count (a positive integer) to constants; "
-                             "regenerate it with `mooncake-real calibrate`")
-        sections.append((f"sim_by_ranks.{n}", part))
+    tables = {}
+    for name in ("sim_by_ranks", "sim_cuda_by_ranks"):
+        table = tables[name] = data.get(name) or {}
+        if not isinstance(table, dict):
+            raise InputError(path, name, "must map a rank count to constants; regenerate it with `mooncake-real calibrate`")
+        for n, part in table.items():
+            if not str(n).isdigit() or int(n) < 1 or not isinstance(part, dict):
+                raise InputError(path, f"{name}.{n}", "must map a rank count (a positive integer) to constants; "
+                                 "regenerate it with `mooncake-real calibrate`")
+            sections.append((f"{name}.{n}", part))
     for where, section in sections:
         for k, v in section.items():
             if k not in known:
                 raise InputError(path, f"{where}.{k}", f"unknown constant (known: {', '.join(known)}); regenerate the file with `mooncake-real calibrate`")
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise InputError(path, f"{where}.{k}", f"must be a non-negative number, got {v!r}; regenerate the file with `mooncake-real calibrate`")
-    return Calibration.from_dict(data["sim"], by_ranks)
+    return Calibration.from_dict(data["sim"], tables["sim_by_ranks"], tables["sim_cuda_by_ranks"])
 
 
 def with_policy(scenario: Any, preset: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -37,6 +37,17 @@ def test_for_ranks_interpolates_between_measured_rank_counts() -> None:
     assert plain.for_ranks(4) is plain
 
 
+def test_cuda_runs_take_the_cuda_jobs_constants_on_top() -> None:
+    cal = Calibration.from_dict({"module_load_s": 3e-4}, {"2": {"effect_cpu_s": 1e-4}, "8": {"effect_cpu_s": 4e-4}},
+                                {"4": {"module_load_s": 1.3e-3, "effect_cpu_s": 2e-4}})
+    cpu, cuda = cal.for_ranks(4), cal.for_ranks(4, "cuda")
+    assert cpu.module_load_s == 3e-4 and cpu.effect_cpu_s == pytest.approx(2e-4)
+    assert cuda.module_load_s == 1.3e-3 and cuda.effect_cpu_s == 2e-4  # one measured point: used at any count
+    assert cuda.by_ranks == {} and cuda.cuda_by_ranks == {}
+    assert Simulation(load_scenario("lazy-kernel-load-1gpu-fixed"), calibration=cal).cal.module_load_s == 1.3e-3
+    assert Simulation(load_scenario("real-cpu-allreduce"), calibration=cal).cal.module_load_s == 3e-4
+
+
 def test_a_simulation_uses_the_constants_of_its_ranks_per_host() -> None:
     two = Simulation(load_scenario("real-cpu-bootstrap-2"), calibration=_cal())
     eight = Simulation(load_scenario("real-cpu-bootstrap-8"), calibration=_cal())
@@ -63,6 +74,10 @@ def test_in_situ_figures_replace_those_measured_alone() -> None:
     assert part["rpc_connect_s"] == pytest.approx(5e-3 - 1e-4 - 2e-3)
     assert part["poll_overshoot_s"] == 3e-4
     assert part["rank_spread"] == 0.12 and alone["rank_spread"] is None
+    cuda = derive_by_ranks({**m, "in_situ_cuda_r4_effect_s": 2e-4, "in_situ_cuda_r4_LoadKernel_s": 1.5e-3,
+                            "in_situ_cuda_r4_Launch_s": 3e-3}, "in_situ_cuda_r")
+    assert list(cuda) == ["4"] and cuda["4"]["module_load_s"] == pytest.approx(1.3e-3)
+    assert cuda["4"]["kernel_launch_s"] == pytest.approx(2.8e-3) and cuda["4"]["effect_cpu_s"] == 2e-4
     assert in_situ_sim({"in_situ_effect_s": 1e-4}, alone) == {"effect_cpu_s": 1e-4, "host_cpus": None}
 
 
@@ -71,10 +86,12 @@ def test_in_situ_figures_replace_those_measured_alone() -> None:
     ({"2": {"warp_s": 1e-4}}, "sim_by_ranks.2.warp_s"),
     ({"2": {"effect_cpu_s": -1}}, "sim_by_ranks.2.effect_cpu_s"),
     ([1, 2], "sim_by_ranks"),
+    ({"4": {"module_load_s": "slow"}}, "sim_cuda_by_ranks.4.module_load_s"),
 ])
 def test_a_bad_by_ranks_section_is_named(tmp_path: Path, by_ranks: object, key: str) -> None:
     path = tmp_path / "cal.json"
-    path.write_text(json.dumps({"sim": {"effect_cpu_s": 1e-5}, "sim_by_ranks": by_ranks}))
+    section = "sim_cuda_by_ranks" if key.startswith("sim_cuda") else "sim_by_ranks"
+    path.write_text(json.dumps({"sim": {"effect_cpu_s": 1e-5}, section: by_ranks}))
     with pytest.raises(InputError) as err:
         load_calibration(str(path))
     assert key in str(err.value) and "calibrate" in str(err.value)

@@ -77,7 +77,7 @@ def test_in_situ_figures_replace_those_measured_alone() -> None:
     cuda = derive_by_ranks({**m, "in_situ_cuda_r4_effect_s": 2e-4, "in_situ_cuda_r4_LoadKernel_s": 1.5e-3,
                             "in_situ_cuda_r4_Launch_s": 3e-3}, "in_situ_cuda_r")
     assert list(cuda) == ["4"] and cuda["4"]["module_load_s"] == pytest.approx(1.3e-3)
-    assert cuda["4"]["kernel_launch_s"] == pytest.approx(2.8e-3) and cuda["4"]["effect_cpu_s"] == 2e-4
+    assert "kernel_launch_s" not in cuda["4"] and cuda["4"]["effect_cpu_s"] == 2e-4  # see in_situ_sim
     assert in_situ_sim({"in_situ_effect_s": 1e-4}, alone) == {"effect_cpu_s": 1e-4, "host_cpus": None}
 
 

@@ -20,7 +20,7 @@ done
 echo "== calibration"
 timeout 300 $py -m mooncake_real.cli calibrate -o "$out/calibration.json" 2>&1 | tail -30 | tee "$out/calibrate.txt"
 echo "== parity and timing"
-timeout 900 $py benchmarks/parity_report.py --gpu --calibration "$out/calibration.json" 2>&1 | tee "$out/parity-report.txt"
+timeout 1500 $py benchmarks/parity_report.py --gpu --repeat 3 --calibration "$out/calibration.json" 2>&1 | tee "$out/parity-report.txt"
 echo "== bandwidth, 4 ranks sharing GPU 0"
 timeout 600 $py benchmarks/bench_real.py --gpu-only --gpu-sizes 1,4,16,64,256 --gpu-reps 3 2>&1 | tee "$out/bench-real-gpu.txt"
 n=$($py -c "import cupy; print(cupy.cuda.runtime.getDeviceCount())" 2>/dev/null || echo 0)

@@ -96,11 +96,13 @@ class Calibration:
         ``cuda_by_ranks``) interpolated linearly between the two measured rank counts around ``n``
         (extrapolated from the nearest two outside them, never below 0); a constant that one point leaves
         unset (None) takes the other's value."""
+        tables = [t for t in (self.by_ranks, self.cuda_by_ranks if backend == "cuda" else {}) if t]
+        if not tables:
+            return self
         out = dataclasses.replace(self, by_ranks={}, cuda_by_ranks={})
-        for table in (self.by_ranks, self.cuda_by_ranks if backend == "cuda" else {}):
-            if table:
-                out = dataclasses.replace(out, **self._at(table, n))
-        return out if (self.by_ranks or (backend == "cuda" and self.cuda_by_ranks)) else self
+        for table in tables:
+            out = dataclasses.replace(out, **self._at(table, n))
+        return out
 
     def _at(self, table: dict[int, dict[str, float | None]], n: int) -> dict[str, Any]:
         """The constants of ``table`` interpolated at ``n`` ranks (:meth:`for_ranks`)."""

@@ -362,14 +362,14 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
             out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
     if oversleep:
         out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(oversleep))
-    if spreads:
-        out["in_situ_rank_spread"] = statistics.fmean(spreads)
+    if spreads:  # the median: with two ranks a run gives |a - b| / (a + b) * sqrt(2), and one odd run dominates a mean
+        out["in_situ_rank_spread"] = statistics.median(spreads)
     return out
 
 
 def rank_spread(trace: list[dict[str, Any]]) -> float | None:
-    """How unequal the ranks of one real run are: the coefficient of variation (population standard deviation
-    over mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one.
+    """How unequal the ranks of one real run are: the coefficient of variation (sample standard deviation over
+    mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one.
     None with fewer than two ranks that did both."""
     marks: dict[int, dict[str, float]] = defaultdict(dict)
     for rec in trace:
@@ -378,7 +378,7 @@ def rank_spread(trace: list[dict[str, Any]]) -> float | None:
     spans = [m["warmup"] - m["bootstrap"] for m in marks.values() if "bootstrap" in m and "warmup" in m]
     if len(spans) < 2 or statistics.fmean(spans) <= 0:
         return None
-    return statistics.pstdev(spans) / statistics.fmean(spans)
+    return statistics.stdev(spans) / statistics.fmean(spans)
 
 
 def measure_gpu() -> dict[str, float]:

@@ -104,7 +104,7 @@ def _phase(rank: int, phase: str, t: float) -> dict[str, object]:
 def test_rank_spread_is_the_variation_of_the_ranks_bootstrap_times() -> None:
     trace = [_phase(0, "bootstrap", 1.0), _phase(1, "bootstrap", 1.5), _phase(0, "warmup", 1.010),
              _phase(1, "warmup", 1.520), _phase(2, "bootstrap", 1.0)]  # rank 2 never left bootstrap
-    assert rank_spread(trace) == pytest.approx(0.005 / 0.015)  # spans 10 and 20 ms
+    assert rank_spread(trace) == pytest.approx(0.005 * 2 ** 0.5 / 0.015)  # spans 10 and 20 ms
     assert rank_spread(trace[:3]) is None  # one rank with both marks
 
 

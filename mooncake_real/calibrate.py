@@ -308,7 +308,7 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     """
     from mooncake_protocol.scenario import load_scenario
 
-    from .runner import run_job
+    from .runner import run_job, run_record
 
     sc = load_scenario(scenario)
     steps: dict[str, list[float]] = defaultdict(list)
@@ -322,7 +322,7 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
         if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
             continue
         done += 1
-        spread = rank_spread(res.trace)
+        spread = rank_spread(run_record(res, sc).phase_times)
         if spread is not None:
             spreads.append(spread)
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
@@ -367,15 +367,11 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     return out
 
 
-def rank_spread(trace: list[dict[str, Any]]) -> float | None:
+def rank_spread(phase_times: dict[int, dict[str, float]]) -> float | None:
     """How unequal the ranks of one real run are: the coefficient of variation (sample standard deviation over
-    mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one.
-    None with fewer than two ranks that did both."""
-    marks: dict[int, dict[str, float]] = defaultdict(dict)
-    for rec in trace:
-        if rec.get("type") == "mark" and rec.get("name") == "phase":
-            marks[int(rec["rank"])].setdefault(str((rec.get("data") or {}).get("phase")), float(rec["t"]))
-    spans = [m["warmup"] - m["bootstrap"] for m in marks.values() if "bootstrap" in m and "warmup" in m]
+    mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one
+    (``phase_times``: a run record's, rank -> phase -> time). None with fewer than two ranks that did both."""
+    spans = [m["warmup"] - m["bootstrap"] for m in phase_times.values() if "bootstrap" in m and "warmup" in m]
     if len(spans) < 2 or statistics.fmean(spans) <= 0:
         return None
     return statistics.stdev(spans) / statistics.fmean(spans)
@@ -552,6 +548,17 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
     return out
 
 
+def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
+    """:func:`measure_in_situ` of ``scenario`` at each of :data:`IN_SITU_RANKS`, keyed ``<job><N>_...``."""
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
+        for ranks in IN_SITU_RANKS:
+            print(f"calibrate: {what.format(ranks)}, to measure costs inside it", file=sys.stderr, flush=True)
+            got = measure_in_situ(in_situ_scenario(ranks, where, scenario), runs=1 if quick else 3)
+            out.update({k.replace("in_situ_", f"{job}{ranks}_", 1): v for k, v in got.items()})
+    return out
+
+
 def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) -> dict[str, Any]:
     n = 60 if quick else 300
     measured: dict[str, float] = {}
@@ -561,20 +568,12 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     measured.update(measure_writes(n))
     measured.update(measure_driver(1, n))
     if in_situ:
-        with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
-            for ranks in IN_SITU_RANKS:
-                print(f"calibrate: a real job of {ranks} ranks, to measure costs inside it", file=sys.stderr, flush=True)
-                got = measure_in_situ(in_situ_scenario(ranks, where), runs=1 if quick else 3)
-                measured.update({k.replace("in_situ_", f"in_situ_r{ranks}_", 1): v for k, v in got.items()})
+        measured.update(_in_situ_jobs(IN_SITU_SCENARIO, "in_situ_r", "a real job of {} ranks", quick))
     if gpu:
         measured.update(measure_gpu())
     if gpu and in_situ and "module_load_s" in measured:  # CuPy and a device are there
-        with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
-            for ranks in IN_SITU_RANKS:
-                print(f"calibrate: a real CUDA job of {ranks} ranks sharing GPU 0, to measure costs inside it",
-                      file=sys.stderr, flush=True)
-                got = measure_in_situ(in_situ_scenario(ranks, where, IN_SITU_CUDA_SCENARIO), runs=1 if quick else 3)
-                measured.update({k.replace("in_situ_", f"in_situ_cuda_r{ranks}_", 1): v for k, v in got.items()})
+        measured.update(_in_situ_jobs(IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r",
+                                      "a real CUDA job of {} ranks sharing GPU 0", quick))
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
     out: dict[str, Any] = {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},

@@ -626,22 +626,23 @@ class Simulation:
             return fx.RpcReply(False, b"", "timeout")
         t0 = env.now
         yield env.timeout(connect + one_way + service + pause)
-        if not owner.alive and self.cal.dead_peer_check_s:  # it died with the call in flight
-            yield from self.notice_dead(owner, t0)
+        if (yield from self.notice_dead(owner, t0)):
             return fx.RpcReply(False, b"", "refused")
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)
 
     def notice_dead(self, owner: SimRank, t0: float) -> SimGen:
-        """Calibrated ``dead_peer_check_s``: a caller that sent at ``t0`` to a server that has died since waits
-        for its reply in slices of that length and probes the port after each; the probe after the death says
-        "refused"."""
-        check = self.cal.dead_peer_check_s or 0.0
-        died = owner.died_at if owner.died_at is not None else t0
-        at = t0 + check * max(1, math.ceil((died - t0) / check - 1e-9))
+        """Calibrated ``dead_peer_check_s``: whether ``owner`` died with a call sent at ``t0`` in flight. If so the
+        caller waits for its reply in slices of that length and probes the port after each; the probe after
+        the death says "refused" (this waits until then). Uncalibrated: False, at once."""
+        check = self.cal.dead_peer_check_s
+        if not check or owner.died_at is None or owner.died_at < t0:
+            return False
+        at = t0 + check * max(1, math.ceil((owner.died_at - t0) / check - 1e-9))
         if at > self.env.now:
             yield self.env.timeout(at - self.env.now)
+        return True
 
     # ------------------------------------------------------------------ GPU
 

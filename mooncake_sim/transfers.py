@@ -307,10 +307,8 @@ class TransferModel:
             with self.sim.host_cpu(r.env.host).request() as cpu:
                 yield cpu
                 yield env.timeout(duration)
-            owner = self.sim.ranks[w.dst_owner] if 0 <= w.dst_owner < len(self.sim.ranks) else None
-            if (w.transport == "tcp" and owner is not None and owner.died_at is not None and owner.died_at >= t0
-                    and self.sim.cal.dead_peer_check_s):  # the __write__ RPC was in flight when the owner died
-                yield from self.sim.notice_dead(owner, t0)
+            if w.transport == "tcp" and 0 <= w.dst_owner < len(self.sim.ranks):  # the __write__ RPC in flight
+                yield from self.sim.notice_dead(self.sim.ranks[w.dst_owner], t0)
             self._land(bid, [(i, w, payload, edges)])
 
     def _start_flow(self, edges: tuple[tuple[str, str], ...], lat: float, cap: float, length: int) -> float:

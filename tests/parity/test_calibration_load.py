@@ -97,15 +97,19 @@ def test_a_bad_by_ranks_section_is_named(tmp_path: Path, by_ranks: object, key: 
     assert key in str(err.value) and "calibrate" in str(err.value)
 
 
-def _phase(rank: int, phase: str, t: float) -> dict[str, object]:
-    return {"type": "mark", "rank": rank, "activity": "caller", "t": t, "name": "phase", "data": {"phase": phase}}
+def _times(marks: list[tuple[int, str, float]]) -> dict[int, dict[str, float]]:
+    """A run record's ``phase_times`` (rank -> phase -> time) from phase marks in order."""
+    out: dict[int, dict[str, float]] = {}
+    for rank, phase, t in marks:
+        out.setdefault(rank, {}).setdefault(phase, t)
+    return out
 
 
 def test_rank_spread_is_the_variation_of_the_ranks_bootstrap_times() -> None:
-    trace = [_phase(0, "bootstrap", 1.0), _phase(1, "bootstrap", 1.5), _phase(0, "warmup", 1.010),
-             _phase(1, "warmup", 1.520), _phase(2, "bootstrap", 1.0)]  # rank 2 never left bootstrap
-    assert rank_spread(trace) == pytest.approx(0.005 * 2 ** 0.5 / 0.015)  # spans 10 and 20 ms
-    assert rank_spread(trace[:3]) is None  # one rank with both marks
+    trace = [(0, "bootstrap", 1.0), (1, "bootstrap", 1.5), (0, "warmup", 1.010),
+             (1, "warmup", 1.520), (2, "bootstrap", 1.0)]  # rank 2 never left bootstrap
+    assert rank_spread(_times(trace)) == pytest.approx(0.005 * 2 ** 0.5 / 0.015)  # spans 10 and 20 ms
+    assert rank_spread(_times(trace[:3])) is None  # one rank with both marks
 
 
 def _spans(rec: object) -> list[float]:

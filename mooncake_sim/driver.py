@@ -205,8 +205,6 @@ class SimRank:
 
 RunResult = RunRecord
 
-GC_GEN0_THRESHOLD = 100_000
-
 #: Effects whose interpretation never lets simulated time pass (no SimPy event is awaited).
 _INSTANT_EFFECTS: frozenset[type] = frozenset({
     fx.Mark, fx.Now, fx.Allocate, fx.Register, fx.ReadMem, fx.WriteMem, fx.RpcBind, fx.RpcServe,
@@ -829,14 +827,16 @@ class Simulation:
             r.caller = self.spawn(r, "caller", rank_main(r.env), daemon=False).handle
         deadline = sc.deadlines.bootstrap_s + sc.deadlines.collective_s * max(1, len(sc.workload))
         self.env.process(self._monitor(sc.deadlines.stall_s, deadline))
-        # A run allocates millions of short-lived objects while its marks stay alive: collect the young
-        # generation less often (a large run spent a quarter of its time in the collector).
-        thresholds = gc.get_threshold()
-        gc.set_threshold(max(thresholds[0], GC_GEN0_THRESHOLD), max(thresholds[1], 50), max(thresholds[2], 100))
+        # The cyclic collector is off for the run: events, activities and plans are freed by reference counting
+        # (a 256-rank run leaves 1% of its objects as cyclic garbage, collected after), while every young
+        # collection walks the marks and caches that stay alive (8% of a 512-rank run's wall time).
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             self.env.run(until=self.stop)
         finally:
-            gc.set_threshold(*thresholds)
+            if collecting:
+                gc.enable()
         reason = str(self.stop.value)
         blocked = self.blocked() if reason != "completed" else []
         return RunResult(

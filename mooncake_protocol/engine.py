@@ -15,6 +15,7 @@ every port draw.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import random
@@ -81,22 +82,34 @@ class SegmentDesc:
         )
 
     def find(self, addr: int, length: int) -> BufferDesc | None:
-        """The registered buffer holding ``[addr, addr + length)`` (memoised: a descriptor never changes)."""
-        cache: dict[tuple[int, int], BufferDesc | None] | None = self.__dict__.get("_found")
-        if cache is None:
-            cache = {}
-            object.__setattr__(self, "_found", cache)
-        key = (addr, length)
-        if key in cache:
-            return cache[key]
-        hit = None
-        for b in self.buffers:
-            if b.addr <= addr and addr + length <= b.addr + b.size:
-                hit = b
-                break
-        if len(cache) < 4096:
-            cache[key] = hit
-        return hit
+        """The registered buffer holding ``[addr, addr + length)``: the first so registered. Buffers that do not
+        overlap (the usual case) are searched by bisection over their start addresses, built once per
+        descriptor (a descriptor never changes); overlapping ones, or an empty range, in registration order."""
+        index: tuple[list[int], list[BufferDesc]] | None = self.__dict__.get("_index")
+        if index is None:
+            index = _buffer_index(self.buffers)
+            object.__setattr__(self, "_index", index)
+        starts, ordered = index
+        if not starts or length <= 0:
+            for b in self.buffers:
+                if b.addr <= addr and addr + length <= b.addr + b.size:
+                    return b
+            return None
+        i = bisect.bisect_right(starts, addr) - 1
+        if i < 0:
+            return None
+        b = ordered[i]
+        return b if addr + length <= b.addr + b.size else None
+
+
+def _buffer_index(buffers: tuple[BufferDesc, ...]) -> tuple[list[int], list[BufferDesc]]:
+    """Start addresses and buffers sorted by start, or two empty lists when two buffers overlap or share a
+    start (then only a scan in registration order finds "the first registered")."""
+    ordered = sorted(buffers, key=lambda b: b.addr)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if b.addr < a.addr + a.size or b.addr == a.addr:
+            return [], []
+    return [b.addr for b in ordered], ordered
 
 
 @functools.lru_cache(maxsize=8192)
@@ -152,9 +165,9 @@ class Engine:
     warmed: set[int] = field(default_factory=set)
     phase: str = "bootstrap"
     _desc_bytes: tuple[tuple[str, int], bytes] | None = field(default=None, repr=False)
-    #: TENT's choice per (descriptor, target range, local memory kind): (descriptor, buffer, transport), kept
-    #: only when the buffer was found (then nothing of the choice can change: a descriptor is immutable)
-    _choices: dict[tuple[int, int, int, str], tuple[SegmentDesc, BufferDesc, str | None]] = field(
+    #: TENT's choice per (target buffer, local memory kind): (buffer, its descriptor, transport); the choice
+    #: depends on nothing else (a descriptor is immutable), and holding both keeps their ids from reuse
+    _choices: dict[tuple[int, str], tuple[BufferDesc, SegmentDesc, str | None]] = field(
         default_factory=dict, repr=False)
     #: per request shape (peer, transport, local kind, target label): the capability, once announced
     _kinds: dict[tuple[int, str, str, str | None], str] = field(default_factory=dict, repr=False)
@@ -372,28 +385,33 @@ class Engine:
         return mine == theirs
 
     def _choose(self, req: Request) -> None:
+        """Pick ``req``'s transport."""
+        self._choose_for(req, req.seg.find(req.dst_addr, req.length) if req.seg is not None else None)
+
+    def _choose_for(self, req: Request, buf: BufferDesc | None) -> None:
+        """Pick ``req``'s transport, ``buf`` being its target buffer in ``req.seg`` (as :meth:`SegmentDesc.find`
+        gives it)."""
         req.transport = None
-        req.buf = None
+        req.buf = buf
         seg = req.seg
         if seg is None:
             return
-        key = (id(seg), req.dst_addr, req.length, req.src.kind)
-        hit = self._choices.get(key)
-        if hit is not None and hit[0] is seg:  # TENT found this buffer in this descriptor before
-            req.buf, req.transport = hit[1], hit[2]
-            return
-        buf = req.buf = seg.find(req.dst_addr, req.length)
         if self.kind == "te":
             req.transport = self.transports[0] if self.transports else None
             return
         if buf is None:
             # unknown target buffer: TENT cannot resolve a transport for it
             return
+        key = (id(buf), req.src.kind)
+        hit = self._choices.get(key)
+        if hit is not None and hit[0] is buf and hit[1] is seg:  # TENT chose for this buffer before
+            req.transport = hit[2]
+            return
         local_type = "gpu" if req.src.kind == "device" else "dram"
         t, _ = tp.tent_select(buf.offered, local_type, buf.label, same_machine=self.same_machine(seg),
                               gpudirect=self.env.gpudirect, cuda_platform=self.env.cuda_platform)
         req.transport = t
-        self._choices[key] = (seg, buf, t)
+        self._choices[key] = (buf, seg, t)
 
     def submit(self, reqs: list[Request]) -> Activity:
         """``submitTransfer``: resolve each request's transport and hand the batch to the hardware.
@@ -401,9 +419,12 @@ class Engine:
         Returns the engine batch id.
         """
         for r in reqs:
-            if r.seg is not None and r.seg.owner == r.dst_rank and r.seg.find(r.dst_addr, r.length) is None:
-                r.seg = yield from self.refresh_segment(r.seg)
-            self._choose(r)
+            seg = r.seg
+            buf = seg.find(r.dst_addr, r.length) if seg is not None else None
+            if seg is not None and buf is None and seg.owner == r.dst_rank:
+                seg = r.seg = yield from self.refresh_segment(seg)
+                buf = seg.find(r.dst_addr, r.length)
+            self._choose_for(r, buf)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch
         self.next_batch += 1

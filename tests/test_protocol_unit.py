@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mooncake_protocol import effects as fx
 from mooncake_protocol import transport as tp
@@ -503,6 +505,29 @@ def test_segment_desc_roundtrip_and_find() -> None:
     d = SegmentDesc(3, "h:1", "m", "b", (BufferDesc(1000, 100, "*", ("rdma",)), BufferDesc(5000, 10, "cuda:0", ())))
     assert SegmentDesc.from_bytes(d.to_bytes()) == d
     assert d.find(1000, 100) is d.buffers[0] and d.find(1050, 60) is None and d.find(5005, 4) is d.buffers[1]
+
+
+def _scan(d: SegmentDesc, addr: int, length: int) -> BufferDesc | None:
+    """What ``find`` promises: the first registered buffer holding the range."""
+    return next((b for b in d.buffers if b.addr <= addr and addr + length <= b.addr + b.size), None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 60), st.integers(0, 12)), min_size=0, max_size=8),
+       st.lists(st.tuples(st.integers(-2, 75), st.integers(0, 14)), min_size=1, max_size=20))
+def test_segment_find_matches_registration_order_scan(bufs: list[tuple[int, int]],
+                                                     probes: list[tuple[int, int]]) -> None:
+    # buffers in any order, overlapping, sharing starts or empty: bisection where they are disjoint, a scan
+    # otherwise, and the same answer as the scan either way
+    d = SegmentDesc(0, "h:1", "m", "b", tuple(BufferDesc(a, n, "*", ()) for a, n in bufs))
+    for addr, length in probes:
+        assert d.find(addr, length) is _scan(d, addr, length)
+
+
+def test_segment_find_first_registered_when_buffers_overlap() -> None:
+    outer, inner = BufferDesc(100, 100, "*", ()), BufferDesc(120, 10, "cuda:0", ())
+    assert SegmentDesc(0, "h:1", "m", "b", (outer, inner)).find(121, 4) is outer
+    assert SegmentDesc(0, "h:1", "m", "b", (inner, outer)).find(121, 4) is inner
 
 
 # ---------------------------------------------------------------------------- diagnosis rules

@@ -1028,13 +1028,12 @@ def te_nic_preference(topo: Topology, host: str, label: str) -> tuple[tuple[str,
     return tuple(pref), tuple(n.name for n in rd if n.name not in pref)
 
 
-def _edge(topo: Topology, a: str, b: str) -> dict[str, Any]:
-    return topo.graph.edges[a, b]  # type: ignore[no-any-return]
-
-
 def _make_path(topo: Topology, transport: str, hops: list[tuple[str, str]], latency: float,
                cap: float = math.inf) -> Path:
-    bw = min([cap] + [_edge(topo, a, b)["bandwidth_Bps"] for a, b in hops])
+    adj = topo.graph.adj  # the edges' attributes without the EdgeView's per-lookup checks (a 512-rank run
+    bw = cap              # routes 260,000 pairs)
+    for a, b in hops:
+        bw = min(bw, adj[a][b]["bandwidth_Bps"])
     return Path(transport, tuple(hops), float(bw), latency)
 
 
@@ -1043,6 +1042,10 @@ def _mem_node(ep: Endpoint) -> str:
 
 
 def _check_endpoint(topo: Topology, ep: Endpoint) -> None:
+    """Raise ``ValueError`` for an endpoint the topology lacks (a valid one is remembered: routing asks often)."""
+    key = ("endpoint-ok", ep)
+    if key in topo._idx.cache:
+        return
     _host_check(topo, ep.host)
     if ep.memory == "gpu":
         if ep.gpu is None:
@@ -1054,6 +1057,7 @@ def _check_endpoint(topo: Topology, ep: Endpoint) -> None:
             raise ValueError(f"host {ep.host!r} has NUMA nodes 0..{n - 1}, not {ep.numa}")
     else:
         raise ValueError(f"endpoint memory must be 'gpu' or 'host', got {ep.memory!r}")
+    topo._idx.cache[key] = True
 
 
 def _desc(ep: Endpoint) -> str:
@@ -1109,10 +1113,19 @@ def _rdma_leg(topo: Topology, ep: Endpoint) -> tuple[Nic, list[tuple[str, str]]]
 
 
 def _common_switch(topo: Topology, a: str, b: str) -> tuple[str, int] | None:
+    """The first network switch (in ``a``'s neighbour order) that NICs ``a`` and ``b`` both attach to, and its
+    hop count."""
+    key = ("netswitches", a)
+    cache = topo._idx.cache
+    switches = cache.get(key)
     g = topo.graph
-    for sw in g.neighbors(a):
-        if g.nodes[sw].get("kind") == "netswitch" and g.has_edge(sw, b):
-            return sw, int(g.nodes[sw]["hops"])
+    if switches is None:
+        switches = cache[key] = [(sw, int(g.nodes[sw]["hops"])) for sw in g.neighbors(a)
+                                 if g.nodes[sw].get("kind") == "netswitch"]
+    adj = g.adj
+    for sw, hops in switches:
+        if b in adj[sw]:
+            return sw, hops
     return None
 
 

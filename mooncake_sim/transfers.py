@@ -14,7 +14,7 @@ it: TENT NVLink copies asynchronously on a non-blocking stream of its own; MNNVL
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 MNNVL_SYNC_LIMIT = 128 << 20
 FAIL_LATENCY_S = 2e-6
 SMALL_PAYLOAD = 64
+#: a WRITE's links, by number (:meth:`TransferModel._links`)
+Links = tuple[int, ...]
 
 
 @dataclass
@@ -45,20 +47,20 @@ class BatchState:
 
 
 @dataclass
-class Flow:
-    edges: tuple[tuple[str, str], ...]
-
-
-@dataclass
 class TransferModel:
     sim: Simulation
     batches: dict[int, BatchState] = field(default_factory=dict)
     next_id: int = 1
-    link_flows: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    #: links (directed edges of the topology, or a GPU's NVLink egress/ingress) by number: flows on each and its
+    #: bandwidth (None until a WRITE first asks); a plan holds link numbers, so a WRITE joins and leaves its
+    #: links by list index instead of hashing node-name pairs
+    link_ids: dict[tuple[str, str], int] = field(default_factory=dict)
+    link_names: list[tuple[str, str]] = field(default_factory=list)
+    link_flows: list[int] = field(default_factory=list)
+    _link_bw: list[float | None] = field(default_factory=list)
     writes: int = 0
     bytes_moved: int = 0
-    _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]] = field(default_factory=dict)
-    _edge_bw: dict[tuple[str, str], float] = field(default_factory=dict)
+    _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, Links]] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
     _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
 
@@ -105,8 +107,8 @@ class TransferModel:
                 for e in edges:
                     flows[e] += 1
                 joined.append((i, w, payload, edges, lat, cap))
-        groups: dict[float, list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]] = defaultdict(list)
-        rates: dict[tuple[tuple[tuple[str, str], ...], float], float] = {}
+        groups: dict[float, list[tuple[int, fx.WriteReq, bytes, Links]]] = defaultdict(list)
+        rates: dict[tuple[Links, float], float] = {}
         for i, w, payload, edges, lat, cap in joined:
             rate = rates.get((edges, cap))
             if rate is None:
@@ -130,7 +132,7 @@ class TransferModel:
 
         ev.callbacks.append(fail)
 
-    def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, tuple[tuple[str, str], ...]]]) -> None:
+    def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, Links]]) -> None:
         b = self.batches.get(bid)
         if b is not None:
             b.view = None
@@ -169,25 +171,25 @@ class TransferModel:
             region.write(w.dst_addr & OFFSET_MASK, payload)
         return True
 
-    def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, tuple[tuple[str, str], ...]]:
+    def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, Links]:
         """The topology path of a WRITE and the directed resources it occupies (static: cached)."""
         key = (r.env.rank, src.kind, src.device, owner.env.rank, dst.kind, dst.device, transport)
         hit = self._routes.get(key)
         if hit is None:
             p = topo.path(self.sim.topology, self.endpoint(r, src), self.endpoint(owner, dst), transport)
-            edges: tuple[tuple[str, str], ...] = ()
+            edges: Links = ()
             if isinstance(p, topo.Path):
                 if transport in ("nvlink", "mnnvl") and p.hops:
                     # a GPU's NVLink ports act as one pipe per direction (18 links over the switches): the
                     # shared resources are the sender's egress and the receiver's ingress, each at the
                     # path's bandwidth
-                    edges = ((p.hops[0][0], "nvlink-out"), ("nvlink-in", p.hops[-1][1]))
+                    edges = self._links(((p.hops[0][0], "nvlink-out"), ("nvlink-in", p.hops[-1][1])))
                 else:
-                    edges = tuple(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
+                    edges = self._links(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
             hit = self._routes[key] = (p, edges)
         return hit
 
-    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, tuple[tuple[str, str], ...], str | None]:
+    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, Links, str | None]:
         """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE.
 
         Whether and how a WRITE into a registered region of a live rank goes depends only on the two ranks,
@@ -244,7 +246,7 @@ class TransferModel:
             target = TargetInfo(dst.region.kind, dst.ipc_handle, dst.fabric_handle)
         src = r.regions[w.src_rid]
         p: topo.Path | topo.NoPath | None = None
-        edges: tuple[tuple[str, str], ...] = ()
+        edges: Links = ()
         if target is not None and dst is not None:
             p, edges = self._route(r, src.region, owner, dst.region, w.transport)
         path_reason = p.reason if isinstance(p, topo.NoPath) else None
@@ -274,19 +276,34 @@ class TransferModel:
         plan = self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda)
         return plan
 
-    def _share(self, edges: tuple[tuple[str, str], ...], cap: float) -> float:
-        """The fair share of a flow already counted on ``edges``: the bottleneck of ``bandwidth / flows``."""
+    def _links(self, hops: Iterable[tuple[str, str]]) -> Links:
+        """The numbers of directed links ``hops`` (numbered on first sight)."""
+        out = []
+        for e in hops:
+            i = self.link_ids.get(e)
+            if i is None:
+                i = self.link_ids[e] = len(self.link_names)
+                self.link_names.append(e)
+                self.link_flows.append(0)
+                self._link_bw.append(None)
+            out.append(i)
+        return tuple(out)
+
+    def _share(self, edges: Links, cap: float) -> float:
+        """The fair share of a flow already counted on ``edges``: the bottleneck of ``bandwidth / flows``. A
+        link's bandwidth is the topology edge's, or (a GPU's NVLink pipe) the path's of the first WRITE on it."""
         rate = cap
-        graph_edges = self.sim.topology.graph.edges
-        flows = self.link_flows
+        flows, link_bw = self.link_flows, self._link_bw
         for e in edges:
-            bw = self._edge_bw.get(e)
+            bw = link_bw[e]
             if bw is None:
-                bw = self._edge_bw[e] = graph_edges[e]["bandwidth_Bps"] if e in graph_edges else cap
+                name = self.link_names[e]
+                graph_edges = self.sim.topology.graph.edges
+                bw = link_bw[e] = graph_edges[name]["bandwidth_Bps"] if name in graph_edges else cap
             rate = min(rate, bw / max(1, flows[e]))
         return rate
 
-    def _via_thread(self, r: SimRank, item: tuple[int, int, fx.WriteReq, bytes, tuple[tuple[str, str], ...], float, float]) -> None:
+    def _via_thread(self, r: SimRank, item: tuple[int, int, fx.WriteReq, bytes, Links, float, float]) -> None:
         """Calibrated: the real engine runs a rank's WRITEs one at a time on its transfer thread, on a CPU of
         the host (``host_cpus``) for the WRITE's whole duration."""
         q = self._threads.get(r.env.rank)
@@ -311,14 +328,14 @@ class TransferModel:
                 yield from self.sim.notice_dead(self.sim.ranks[w.dst_owner], t0)
             self._land(bid, [(i, w, payload, edges)])
 
-    def _start_flow(self, edges: tuple[tuple[str, str], ...], lat: float, cap: float, length: int) -> float:
+    def _start_flow(self, edges: Links, lat: float, cap: float, length: int) -> float:
         """One WRITE joins its links now: its duration at the share it gets."""
         for e in edges:
             self.link_flows[e] += 1
         return lat + length / self._share(edges, cap)
 
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
-                 edges: tuple[tuple[str, str], ...], lat: float, cap: float, stream: str) -> None:
+                 edges: Links, lat: float, cap: float, stream: str) -> None:
         ctx = self.sim.gpu.context(r.env.rank)
         op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
 

@@ -224,7 +224,7 @@ class WriteMem(Effect):
 # ---------------------------------------------------------------- transfers (the engine's data path)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class WriteReq:
     """One WRITE: ``length`` bytes from my region ``src_rid`` at ``src_offset`` to ``dst_addr`` in the
     segment owned by ``dst_owner`` (the rank that answered the segment descriptor, reached at
@@ -239,6 +239,14 @@ class WriteReq:
     dst_server: str
     dst_addr: int
     dst_rank: int
+
+    def __init__(self, transport: str, src_rid: int, src_offset: int, length: int, dst_owner: int, dst_server: str,
+                 dst_addr: int, dst_rank: int) -> None:
+        # the generated frozen __init__ sets each field through object.__setattr__: three times slower, and a
+        # 512-rank collective builds millions of these (the instance stays frozen: __setattr__ still refuses)
+        d = self.__dict__
+        d["transport"], d["src_rid"], d["src_offset"], d["length"] = transport, src_rid, src_offset, length
+        d["dst_owner"], d["dst_server"], d["dst_addr"], d["dst_rank"] = dst_owner, dst_server, dst_addr, dst_rank
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ class Act:
     since: float = 0.0
     done: bool = False
     result: Any = None
-    finished: simpy.Event | None = None
+    finished: simpy.Process | None = None  # triggers when the activity ends, with its result
 
 
 @dataclass
@@ -314,9 +314,9 @@ class Simulation:
     def spawn(self, rank: SimRank, name: str, gen: fx.Activity, daemon: bool) -> Act:
         act = Act(rank.env.rank, name, self.next_handle, daemon)
         self.next_handle += 1
-        act.finished = self.env.event()
         rank.acts[act.handle] = act
-        self.env.process(self._run_activity(rank, act, gen))
+        # the SimPy process is itself the event of the activity's end (value: its result), for Join
+        act.finished = self.env.process(self._run_activity(rank, act, gen))
         return act
 
     def _run_activity(self, r: SimRank, act: Act, gen: fx.Activity) -> SimGen:
@@ -375,10 +375,9 @@ class Simulation:
         if pending_dirty:
             self.dirty(r.env.rank)
         act.done = True
-        assert act.finished is not None
-        act.finished.succeed(act.result)
         if act.name == "caller":
             self._check_all_done()
+        return act.result
 
     def host_cpu(self, host: str) -> simpy.Resource:
         """The host's CPU cores (calibration ``host_cpus``; unlimited capacity without it)."""

@@ -1,6 +1,6 @@
 """Bootstrap benchmark: simulate bootstrap only (``workload: []``) for 8, 64 and 512 ranks.
 
-Prints, per size: wall time, SimPy events processed (counted by wrapping ``env.step``), protocol effects
+Prints, per size: wall time, SimPy events processed (scheduled less still queued, read after the run), protocol effects
 interpreted, events/s, and the simulated bootstrap time; and, for scale, bare SimPy's event rate measured
 in the same run (1000 processes x 1000 timeouts).
 

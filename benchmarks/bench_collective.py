@@ -3,7 +3,7 @@
 Each run is ``data: sizes`` (WRITEs move lengths, no payload bytes) on HGX H100 nodes with TENT and the fixed
 protocol: 8 ranks on one node (NVLink), 64 and 512 ranks on 8 and 64 nodes over one RDMA fabric (a topology
 written to a temp dir; 512 raises ``max_group_size`` by a policy override). Prints, per size: wall time,
-SimPy events (counted by wrapping ``env.step``), protocol effects, events/s, the number of chunks and WRITEs,
+SimPy events processed (scheduled less still queued, read after the run), protocol effects, events/s, the number of chunks and WRITEs,
 the simulated collective phase time and the allreduce bus bandwidth
 ``busbw = 2 (n - 1) / n * bytes / collective phase time`` next to the topology's link rates (GPU-to-GPU
 path within a node and between nodes).

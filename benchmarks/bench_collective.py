@@ -13,6 +13,10 @@ path within a node and between nodes).
     PYTHONPATH=. python benchmarks/bench_collective.py --count 262144 512   # a smaller tensor
     PYTHONPATH=. python benchmarks/bench_collective.py --profile 64  # cProfile top 25 (stderr)
 
+A shared machine's speed drifts (the 2-core development VM ran from 0.64 to 0.91 M bare SimPy events/s
+within one day): the script prints the bare SimPy rate of ``bench_bootstrap.py`` before and after the
+runs, so figures taken at different times can be compared.
+
 Cost model: a chunk is ``((16 MiB - 1) / n) & ~7`` bytes per rank slice, so a 64 MiB tensor is
 ``64 MiB / chunk`` chunks (32 at 8 ranks, 257 at 64, 2049 at 512), and every chunk makes every rank WRITE to
 every rank (data and sync flag): ``2 n^2`` WRITEs per chunk, about ``128 n^3`` in all. At 512 ranks that is
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from _simrun import timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from bench_bootstrap import bare_simpy  # noqa: E402
 
 from mooncake_protocol import topology as topo
 from mooncake_protocol.collectives import chunk_bytes
@@ -117,7 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 512])
     ap.add_argument("--count", type=int, default=COUNT, help=f"int32 elements per rank (default {COUNT} = 64 MiB)")
     ap.add_argument("--profile", action="store_true", help="cProfile each run (top 25 by own time, to stderr)")
+    ap.add_argument("--no-bare", action="store_true",
+                    help="skip the bare SimPy rate printed before and after (this machine's speed at the time)")
     args = ap.parse_args(argv)
+
+    def bare(when: str) -> None:
+        if not args.no_bare:
+            ev, wall = bare_simpy()
+            print(f"bare simpy {when}: 1000 processes x 1000 timeouts: {ev / wall:,.0f} events/s", flush=True)
+
+    bare("before")
     print(f"allreduce of {args.count:,} int32 ({args.count * 4 / 2**20:g} MiB) per rank, data: sizes")
     print(f"{'ranks':>6} {'wall s':>8} {'events':>11} {'effects':>11} {'events/s':>10} {'chunks':>7} {'writes':>11} "
           f"{'collective':>12} {'busbw GB/s':>11}  link rates / result")
@@ -130,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['events'] / r['wall_s']:>10,.0f} {r['chunks']:>7,} {r['writes']:>11,} "
                   f"{r['coll_s'] * 1e3:>9.3f} ms {r['busbw'] / 1e9:>11.1f}  {r['links']}; "
                   f"{'completed' if r['ok'] else 'FAILED: ' + r['end']}", flush=True)
+    bare("after")
     return 1 if failed else 0
 
 

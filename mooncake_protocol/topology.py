@@ -1030,8 +1030,10 @@ def te_nic_preference(topo: Topology, host: str, label: str) -> tuple[tuple[str,
 
 def _make_path(topo: Topology, transport: str, hops: list[tuple[str, str]], latency: float,
                cap: float = math.inf) -> Path:
-    adj = topo.graph.adj  # the edges' attributes without the EdgeView's per-lookup checks (a 512-rank run
-    bw = cap              # routes 260,000 pairs)
+    # the edges' attributes straight from the adjacency, without the EdgeView's checks per lookup (a 512-rank
+    # run routes 260,000 pairs)
+    adj = topo.graph.adj
+    bw = cap
     for a, b in hops:
         bw = min(bw, adj[a][b]["bandwidth_Bps"])
     return Path(transport, tuple(hops), float(bw), latency)

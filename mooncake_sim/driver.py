@@ -84,7 +84,7 @@ class Calibration:
                   cuda_by_ranks: dict[Any, dict[str, Any]] | None = None) -> Calibration:
         c = Calibration()
         for k, v in d.items():
-            if hasattr(c, k) and k not in TABLES:
+            if k in CONSTANTS:
                 setattr(c, k, float(v) if v is not None else None)
         c.by_ranks, c.cuda_by_ranks = (
             {int(n): {k: (float(v) if v is not None else None) for k, v in part.items()} for n, part in (t or {}).items()}
@@ -125,11 +125,14 @@ class Calibration:
                 out[k] = x if y is None else y
             else:
                 out[k] = max(0.0, x + (y - x) * w)
-        return {k: v for k, v in out.items() if hasattr(self, k) and k not in TABLES}
+        return {k: v for k, v in out.items() if k in CONSTANTS}
 
 
 #: The fields of :class:`Calibration` that hold per-rank-count tables, not constants.
 TABLES = ("by_ranks", "cuda_by_ranks")
+#: The fields of :class:`Calibration` that are constants (what a calibration file's ``sim`` section and
+#: each of its per-rank-count parts may set).
+CONSTANTS = tuple(f.name for f in dataclasses.fields(Calibration) if f.name not in TABLES)
 
 
 @dataclass

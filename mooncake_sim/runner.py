@@ -20,7 +20,7 @@ from mooncake_protocol.outcome import Outcome, evaluate, format_summary
 from mooncake_protocol.policy import PRESETS, make_policy
 from mooncake_protocol.scenario import load_scenario
 
-from .driver import TABLES, Calibration, simulate
+from .driver import CONSTANTS, Calibration, simulate
 
 FLAGSHIP = "nvl72-first-collective"
 
@@ -44,7 +44,7 @@ def load_calibration(path: str) -> Calibration:
         raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg}); regenerate it with `mooncake-real calibrate`") from None
     if not isinstance(data, dict) or not isinstance(data.get("sim"), dict):
         raise InputError(path, "sim", "missing the 'sim' section of constants; regenerate it with `mooncake-real calibrate`")
-    known = [f.name for f in dataclasses.fields(Calibration) if f.name not in TABLES]
+    known = CONSTANTS
     sections = [("sim", data["sim"])]
     tables = {}
     for name in ("sim_by_ranks", "sim_cuda_by_ranks"):

@@ -224,7 +224,10 @@ class Simulation:
         self.topology: topo.Topology = scenario.topology
         self.envs = make_rank_envs(scenario)
         per_host = Counter(e.host for e in self.envs)
-        self.cal = (calibration or Calibration()).for_ranks(max(per_host.values(), default=1), scenario.backend)
+        self._cal_src = calibration or Calibration()
+        self._cal_n = max(per_host.values(), default=1)
+        self._cal_at: dict[int, Calibration] = {}
+        self.cal = self._cal_for(self._cal_n)
         self.env = simpy.Environment()
         self.ranks = [SimRank(e) for e in self.envs]
         for r in self.ranks:
@@ -240,10 +243,7 @@ class Simulation:
         self.store = StoreServer(self.env, self.cal.store_service_s, delay)
         self.store_host = self.envs[0].host if self.envs else ""
         self.transfers = TransferModel(self)
-        self.rdma_overhead_s = self.cal.rdma_overhead_s
         self.gpu = GpuModel(self.env, self.dirty)
-        if self.cal.module_load_s is not None:
-            self.gpu.module_load_s = self.cal.module_load_s
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
@@ -254,9 +254,7 @@ class Simulation:
         self.ff_barriers: dict[tuple[int, int], FastForward] = {}
         self.ff_skipped = 0
         self.anomalies = 0
-        start = self.cal.thread_start_s or 0.0
-        self.cpu_cost = {fx.Allocate: self.cal.alloc_s, fx.Register: self.cal.register_s, fx.Spawn: start,
-                         fx.RpcServe: start}
+        self._apply_cal()
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
         self._instant = self._instant_table()
@@ -265,6 +263,36 @@ class Simulation:
                 self.network.hold(f.host, int(f.port), FOREIGN)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _cal_for(self, n: int) -> Calibration:
+        cal = self._cal_at.get(n)
+        if cal is None:
+            cal = self._cal_at[n] = self._cal_src.for_ranks(n, self.scenario.backend)
+        return cal
+
+    def _apply_cal(self) -> None:
+        """Derive what the models keep of ``self.cal``."""
+        cal = self.cal
+        self.rdma_overhead_s = cal.rdma_overhead_s
+        self.gpu.module_load_s = MODULE_LOAD_S if cal.module_load_s is None else cal.module_load_s
+        start = cal.thread_start_s or 0.0
+        self.cpu_cost = {fx.Allocate: cal.alloc_s, fx.Register: cal.register_s, fx.Spawn: start, fx.RpcServe: start}
+        self.transfers.forget_plans()  # plans hold same-host TCP/SHM constants
+
+    def _running_changed(self) -> None:
+        """Costs measured inside real jobs (``by_ranks``) follow the ranks that run, not the job's size: while
+        some ranks of a host are paused or dead, the others share its CPUs with fewer processes (a real
+        paused rank sleeps; a dead one is gone). Re-pick the constants for the most ranks running on one
+        host now; a run without per-rank-count tables keeps its constants."""
+        if not (self._cal_src.by_ranks or self._cal_src.cuda_by_ranks):
+            return
+        now = self.env.now
+        running = Counter(r.env.host for r in self.ranks if r.alive and r.paused_until <= now)
+        n = max(running.values(), default=1)
+        if n != self._cal_n:
+            self._cal_n = n
+            self.cal = self._cal_for(n)
+            self._apply_cal()
 
     def _report_progress(self) -> None:
         """A line for a long run, at most every ``progress_every_s`` of wall time."""
@@ -462,6 +490,9 @@ class Simulation:
                     self.kill(r)
             elif f.kind == "pause_rank":
                 r.paused_until = self.env.now + float(f.seconds)
+                self._running_changed()
+                t = self.env.timeout(float(f.seconds))
+                t.callbacks.append(lambda _e: self._running_changed())
 
     def kill(self, r: SimRank) -> None:
         if not r.alive:
@@ -470,6 +501,7 @@ class Simulation:
         r.died_at = self.env.now
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
+        self._running_changed()
         self.marks.append({"type": "mark", "rank": r.env.rank, "activity": "driver", "t": round(self.env.now, 9),
                            "name": "killed", "data": {}})
         self._check_all_done()

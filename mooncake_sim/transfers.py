@@ -75,6 +75,10 @@ class TransferModel:
     def free(self, bid: int) -> None:
         self.batches.pop(bid, None)
 
+    def forget_plans(self) -> None:
+        """Drop the kept plans (the calibration in effect changed: they hold its same-host constants)."""
+        self._plans.clear()
+
     def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
         if region.kind == "device":
             return topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)

@@ -3,6 +3,7 @@ host uses the rank counts that were measured (pure functions; the real measureme
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -53,6 +54,29 @@ def test_a_simulation_uses_the_constants_of_its_ranks_per_host() -> None:
     eight = Simulation(load_scenario("real-cpu-bootstrap-8"), calibration=_cal())
     assert two.cal.tcp_latency_s == pytest.approx(1e-3) and eight.cal.tcp_latency_s == pytest.approx(4e-3)
     assert two.cal.host_cpus is None
+
+
+def test_paused_and_dead_ranks_leave_the_others_the_costs_of_a_smaller_job() -> None:
+    """real-cpu-port-conflict pauses ranks 1-3 for the first 0.2 s: rank 0 bootstraps alone, at the costs of
+    one rank per host, and the four run at four ranks' costs after; a dead rank stops counting too."""
+    cal = Calibration.from_dict({}, {"2": {"register_s": 1e-3}, "4": {"register_s": 3e-3}})
+
+    def gaps(sim: Simulation, rank: int) -> list[float]:  # between the rank's registrations
+        ts = [m["t"] for m in sim.marks if m["rank"] == rank and m["name"] == "registered"]
+        return [b - a for a, b in itertools.pairwise(ts)]
+
+    sim = Simulation(load_scenario("real-cpu-port-conflict"), calibration=cal)
+    sim.run()
+    assert [m["t"] for m in sim.marks if m["rank"] == 0 and m["name"] == "registered"][-1] < 0.2
+    # register_s extrapolated to 1 rank is 0 ms (never below zero), 3 ms at 4: only the late ranks pay it
+    assert max(gaps(sim, 0)) < 1e-3 and min(gaps(sim, 1)) >= 3e-3 - 1e-9
+    one_point = Calibration.from_dict({}, {"4": {"register_s": 3e-3}})  # one measured count: used at any count
+    flat = Simulation(load_scenario("real-cpu-port-conflict"), calibration=one_point)
+    flat.run()
+    assert min(gaps(flat, 0)) >= 3e-3 - 1e-9
+    killed = Simulation(load_scenario("real-cpu-kill-rank"), calibration=cal)
+    killed.run()
+    assert killed.killed and killed.cal.register_s == pytest.approx(2e-3)  # three left: between 2 and 4
 
 
 def test_in_situ_figures_replace_those_measured_alone() -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import statistics
@@ -315,16 +316,14 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     rpc_first: list[float] = []
     writes: dict[str, list[float]] = defaultdict(list)
     oversleep: list[float] = []
-    spreads: list[float] = []
+    spans: list[list[float]] = []
     done = 0
     for _ in range(runs):
         res = run_job(sc)
         if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
             continue
         done += 1
-        spread = rank_spread(run_record(res, sc).phase_times)
-        if spread is not None:
-            spreads.append(spread)
+        spans.append(bootstrap_spans(run_record(res, sc).phase_times))
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
         for key, rec, step in effect_steps(res.trace):
             eff = str(rec["effect"])
@@ -362,19 +361,37 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
             out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
     if oversleep:
         out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(oversleep))
-    if spreads:  # the median: with two ranks a run gives |a - b| / (a + b) * sqrt(2), and one odd run dominates a mean
-        out["in_situ_rank_spread"] = statistics.median(spreads)
+    spread = pooled_rank_spread(spans)
+    if spread is not None:
+        out["in_situ_rank_spread"] = spread
     return out
+
+
+def bootstrap_spans(phase_times: dict[int, dict[str, float]]) -> list[float]:
+    """Each rank's bootstrap time, from its ``bootstrap`` phase mark to its ``warmup`` one (``phase_times``: a
+    run record's, rank -> phase -> time); ranks that did not do both are left out."""
+    return [m["warmup"] - m["bootstrap"] for m in phase_times.values() if "bootstrap" in m and "warmup" in m]
 
 
 def rank_spread(phase_times: dict[int, dict[str, float]]) -> float | None:
     """How unequal the ranks of one real run are: the coefficient of variation (sample standard deviation over
-    mean) of their bootstrap times, each from the rank's ``bootstrap`` phase mark to its ``warmup`` one
-    (``phase_times``: a run record's, rank -> phase -> time). None with fewer than two ranks that did both."""
-    spans = [m["warmup"] - m["bootstrap"] for m in phase_times.values() if "bootstrap" in m and "warmup" in m]
-    if len(spans) < 2 or statistics.fmean(spans) <= 0:
-        return None
-    return statistics.stdev(spans) / statistics.fmean(spans)
+    mean) of their bootstrap times (:func:`bootstrap_spans`). None with fewer than two ranks that did both."""
+    return pooled_rank_spread([bootstrap_spans(phase_times)])
+
+
+def pooled_rank_spread(runs: list[list[float]]) -> float | None:
+    """The ranks' spread over several runs: every rank's bootstrap time over its run's mean, and the sample
+    standard deviation of those ratios around 1, one degree of freedom spent per run (for one run: its
+    coefficient of variation). Pooling uses every rank of every run: a run of two ranks alone gives
+    ``|a - b| / (a + b) * sqrt(2)``, which one odd run can make several times the typical figure."""
+    ss, df = 0.0, 0
+    for spans in runs:
+        if len(spans) < 2 or statistics.fmean(spans) <= 0:
+            continue
+        mean = statistics.fmean(spans)
+        ss += sum((x / mean - 1.0) ** 2 for x in spans)
+        df += len(spans) - 1
+    return math.sqrt(ss / df) if df else None
 
 
 def measure_gpu() -> dict[str, float]:
@@ -548,13 +565,20 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
     return out
 
 
+def in_situ_runs(ranks: int) -> int:
+    """Real runs of the in-job measurement at ``ranks`` ranks: at least 3, and about 24 rank bootstraps in all,
+    so the small jobs, whose warmup race is a coin toss decided by ``rank_spread``, get a steadier figure
+    (2 ranks: 12 runs, 4: 6, 8: 3)."""
+    return max(3, -(-24 // max(1, ranks)))
+
+
 def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
     """:func:`measure_in_situ` of ``scenario`` at each of :data:`IN_SITU_RANKS`, keyed ``<job><N>_...``."""
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
         for ranks in IN_SITU_RANKS:
             print(f"calibrate: {what.format(ranks)}, to measure costs inside it", file=sys.stderr, flush=True)
-            got = measure_in_situ(in_situ_scenario(ranks, where, scenario), runs=1 if quick else 3)
+            got = measure_in_situ(in_situ_scenario(ranks, where, scenario), runs=1 if quick else in_situ_runs(ranks))
             out.update({k.replace("in_situ_", f"{job}{ranks}_", 1): v for k, v in got.items()})
     return out
 

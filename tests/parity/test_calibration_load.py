@@ -11,7 +11,14 @@ import pytest
 
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.scenario import load_scenario
-from mooncake_real.calibrate import derive_by_ranks, derive_sim, in_situ_sim, rank_spread
+from mooncake_real.calibrate import (
+    derive_by_ranks,
+    derive_sim,
+    in_situ_runs,
+    in_situ_sim,
+    pooled_rank_spread,
+    rank_spread,
+)
 from mooncake_sim.driver import Calibration, Simulation, simulate
 from mooncake_sim.runner import load_calibration
 
@@ -134,6 +141,20 @@ def test_rank_spread_is_the_variation_of_the_ranks_bootstrap_times() -> None:
              (1, "warmup", 1.520), (2, "bootstrap", 1.0)]  # rank 2 never left bootstrap
     assert rank_spread(_times(trace)) == pytest.approx(0.005 * 2 ** 0.5 / 0.015)  # spans 10 and 20 ms
     assert rank_spread(_times(trace[:3])) is None  # one rank with both marks
+
+
+def test_the_rank_spread_pools_every_rank_of_every_run() -> None:
+    assert pooled_rank_spread([[10.0, 20.0]]) == pytest.approx(rank_spread_of([10.0, 20.0]))
+    # two steady runs and one odd one: pooled (1% and 1% and 40% deviations), not the median of per-run figures
+    runs = [[99.0, 101.0], [101.0, 99.0], [60.0, 140.0]]
+    assert pooled_rank_spread(runs) == pytest.approx(((4 * 0.01 ** 2 + 2 * 0.4 ** 2) / 3) ** 0.5)
+    assert pooled_rank_spread([[5.0], []]) is None  # no run with two ranks
+    assert in_situ_runs(2) == 12 and in_situ_runs(4) == 6 and in_situ_runs(8) == 3 and in_situ_runs(64) == 3
+
+
+def rank_spread_of(spans: list[float]) -> float:
+    mean = sum(spans) / len(spans)
+    return (sum((x - mean) ** 2 for x in spans) / (len(spans) - 1)) ** 0.5 / mean
 
 
 def _spans(rec: object) -> list[float]:

@@ -386,9 +386,9 @@ def pooled_rank_spread(runs: list[list[float]]) -> float | None:
     ``|a - b| / (a + b) * sqrt(2)``, which one odd run can make several times the typical figure."""
     ss, df = 0.0, 0
     for spans in runs:
-        if len(spans) < 2 or statistics.fmean(spans) <= 0:
+        mean = statistics.fmean(spans) if len(spans) >= 2 else 0.0
+        if mean <= 0:
             continue
-        mean = statistics.fmean(spans)
         ss += sum((x / mean - 1.0) ** 2 for x in spans)
         df += len(spans) - 1
     return math.sqrt(ss / df) if df else None

@@ -704,7 +704,7 @@ class Simulation:
                 ctx.load_waiters.append(ev)
                 yield ev | env.timeout(1e-3)
             if eff.kernel not in ctx.loaded:
-                yield env.timeout(MODULE_LOAD_S if self.cal.module_load_s is None else self.cal.module_load_s)
+                yield env.timeout(self.gpu.module_load_s)
                 ctx.loaded.add(eff.kernel)
             return None
         if isinstance(eff, fx.Launch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -153,8 +154,7 @@ def test_the_rank_spread_pools_every_rank_of_every_run() -> None:
 
 
 def rank_spread_of(spans: list[float]) -> float:
-    mean = sum(spans) / len(spans)
-    return (sum((x - mean) ** 2 for x in spans) / (len(spans) - 1)) ** 0.5 / mean
+    return statistics.stdev(spans) / statistics.fmean(spans)
 
 
 def _spans(rec: object) -> list[float]:

@@ -13,10 +13,12 @@ up: every kernel here ends by itself, at most ``--hold`` seconds after launch):
   launch (``flag``) and once the kernel has long been resident (``resident_flag``).
 
 With ``--own`` each case is measured again with a kernel of this process resident as well (on another
-stream, as a rank's spin kernel is during a collective). It prints, per case, the median, 90th percentile and maximum over ``--reps`` repetitions (milliseconds),
+stream, as a rank's spin kernel is during a collective). Back-to-back steps start in lockstep with the
+slices (each begins right after the last one's wait); ``--jitter MS`` sleeps a random 0..MS ms (seeded)
+before each ``launch`` and ``d2d`` step instead, so those steps arrive at random phases of the rotation. It prints, per case, the median, 90th percentile and maximum over ``--reps`` repetitions (milliseconds),
 and with ``--json`` the raw samples.
 
-    python benchmarks/probe_timeslice.py [--others 0 1 3] [--own] [--reps 40] [--hold 4] [--json]
+    python benchmarks/probe_timeslice.py [--others 0 1 3] [--own] [--reps 40] [--hold 4] [--jitter 0] [--json]
 
 Needs CuPy and a CUDA GPU; exits 2 with one line when there is none.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import random
 import statistics
 import sys
 import time
@@ -68,11 +71,15 @@ def _holder(device: int, hold_s: float, ready: Any, go: Any) -> None:
 
 def _stats(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
-    return {"median_ms": statistics.median(s) * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "max_ms": s[-1] * 1e3}
+    return {"mean_ms": statistics.fmean(s) * 1e3, "median_ms": statistics.median(s) * 1e3,
+            "p10_ms": s[int(0.1 * (len(s) - 1))] * 1e3, "p90_ms": s[int(0.9 * (len(s) - 1))] * 1e3, "max_ms": s[-1] * 1e3}
 
 
-def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bool = False) -> dict[str, list[float]]:
+def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bool = False,
+            jitter_s: float = 0.0, seed: int = 0) -> dict[str, list[float]]:
     import numpy as np
+
+    rng = random.Random(seed)
 
     ctx = mp.get_context("spawn")
     go = ctx.Event()
@@ -105,6 +112,8 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
         for _ in range(reps):
             if (others or own) and time.monotonic() > t_end:
                 break  # only while the held kernels are still resident
+            if jitter_s:
+                time.sleep(rng.uniform(0.0, jitter_s))
             t0 = time.perf_counter()
             empty((1,), (1,), (), stream=stream)
             stream.synchronize()
@@ -113,6 +122,8 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             cp.cuda.runtime.memcpyAsync(host.ctypes.data, small.data.ptr, 4, 2, stream.ptr)  # D2H
             stream.synchronize()
             out["d2h"].append(time.perf_counter() - t0)
+            if jitter_s:
+                time.sleep(rng.uniform(0.0, jitter_s))
             t0 = time.perf_counter()
             cp.cuda.runtime.memcpyAsync(small2.data.ptr, small.data.ptr, 4, 3, stream.ptr)  # D2D
             stream.synchronize()
@@ -160,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hold", type=float, default=4.0, help="seconds each other process's kernel stays resident")
     ap.add_argument("--device", type=int, default=0)
     ap.add_argument("--own", action="store_true", help="also measure with a kernel of this process resident")
+    ap.add_argument("--jitter", type=float, default=0.0, metavar="MS",
+                    help="sleep a random 0..MS ms before each launch and d2d step (default 0: back to back)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the --jitter draws")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -173,13 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for own in (False, True) if a.own else (False,):
         for k in a.others:
-            samples = measure(cp, a.device, k, a.reps, a.hold, own)
+            samples = measure(cp, a.device, k, a.reps, a.hold, own, a.jitter / 1e3, a.seed)
             results[f"others={k} own={int(own)}"] = samples
-            row = "  ".join(f"{name} {s['median_ms']:.3f}/{s['p90_ms']:.3f}/{s['max_ms']:.3f}"
+            row = "  ".join(f"{name} {s['mean_ms']:.2f}/{s['p10_ms']:.2f}/{s['median_ms']:.2f}/{s['p90_ms']:.2f}/{s['max_ms']:.2f}"
                             for name, xs in samples.items() if name != "flag_timed_out" for s in [_stats(xs)])
             timed_out = len(samples.get("flag_timed_out", []))
             print(f"others {k}, own kernel {'resident' if own else 'none'}: n={len(samples['launch'])}  "
-                  f"(ms median/p90/max)  {row}" + (f"  flag spins timed out: {timed_out}" if timed_out else ""),
+                  f"(ms mean/p10/median/p90/max)  {row}" + (f"  flag spins timed out: {timed_out}" if timed_out else ""),
                   flush=True)
     if a.json:
         print(json.dumps(results))

@@ -40,7 +40,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
-              "rank_spread")
+              "rank_spread", "gpu_timeslice_s")
 
 BIG = 4 << 20
 
@@ -509,6 +509,8 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
         "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
         "rank_spread": None,  # likewise
+        # not measured here: benchmarks/probe_timeslice.py measures it, and the model is off without it
+        "gpu_timeslice_s": m.get("gpu_timeslice_s"),
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}

@@ -72,6 +72,8 @@ class Calibration:
     #                                         driver's zmq client); None: at once
     rank_spread: float | None = None  # how much ranks of one job differ in speed, phase by phase (coefficient
     #                                   of variation of their bootstrap times inside a real job); None: all alike
+    gpu_timeslice_s: float | None = None  # the time slice of processes sharing a GPU (gpu.py, "Time-slicing");
+    #                                       None: their SM work never waits for one another
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
@@ -243,7 +245,8 @@ class Simulation:
         self.store = StoreServer(self.env, self.cal.store_service_s, delay)
         self.store_host = self.envs[0].host if self.envs else ""
         self.transfers = TransferModel(self)
-        self.gpu = GpuModel(self.env, self.dirty)
+        self.gpu = GpuModel(self.env, self.dirty, lambda rank: (self.envs[rank].host, self.envs[rank].gpu),
+                            seed=f"{scenario.seed}:{spread_seed}")
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
@@ -275,6 +278,7 @@ class Simulation:
         cal = self.cal
         self.rdma_overhead_s = cal.rdma_overhead_s
         self.gpu.module_load_s = MODULE_LOAD_S if cal.module_load_s is None else cal.module_load_s
+        self.gpu.timeslice_s = cal.gpu_timeslice_s
         start = cal.thread_start_s or 0.0
         self.cpu_cost = {fx.Allocate: cal.alloc_s, fx.Register: cal.register_s, fx.Spawn: start, fx.RpcServe: start}
         self.transfers.forget_plans()  # plans hold same-host TCP/SHM constants
@@ -690,7 +694,7 @@ class Simulation:
             if table == rid:
                 flag = r.regions[rid].read(slot * 64, 4)
                 if flag == b"\0\0\0\0":
-                    ctx.release_spin((table, slot))
+                    ctx.release_spin((table, slot), noticed=False)
 
     def _gpu(self, r: SimRank, eff: fx.Effect) -> SimGen:
         from . import kernels

@@ -12,6 +12,14 @@ lazy-loading hazard is per context, as the H100 probe showed). Facts modelled (l
   thread that launches, and every other host CUDA call of the process, blocks as well.
 * A preloaded kernel (cudaFuncGetAttributes / RawKernel.compile) launches freely;
   CUDA_MODULE_LOADING=EAGER loads runtime-API kernels at context creation.
+* Time-slicing (calibrated: ``gpu_timeslice_s``; off without it). Contexts of several processes on one GPU
+  without MPS take turns of one slice T each while more than one has work. What
+  ``benchmarks/probe_timeslice.py --jitter`` measured on an H100 (T = 2.25 ms) for SM work (kernels,
+  device-to-device copies, memsets) arriving at a random moment, with k other contexts holding a resident
+  kernel: a context that has a kernel resident itself waits for its next slice, uniform in 0..(k+1)T; an
+  idle context starts at once beside one busy context and waits T + uniform 0..kT beside two or more. A
+  resident spin kernel sees its flag cleared at its context's next slice (0..(k+1)T). Host-to-device and
+  device-to-host copies run on the copy engines and do not wait. The draws come from a seeded generator.
 
 Rules: the model never decides protocol behaviour; it only delays or holds device work and reports, for a
 hang dump, which resource holds what.
@@ -20,8 +28,9 @@ hang dump, which resource holds what.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from random import Random
 
 import simpy
 
@@ -50,6 +59,8 @@ class Op:
     seq: int = 0
     ready_t: float = 0.0
     wake_set: bool = False
+    sm: bool = False  # runs on the SMs (kernel, device-to-device copy, memset), so it waits for its time slice
+    sliced: bool = False  # its time-slice wait was drawn
 
 
 @dataclass
@@ -117,6 +128,9 @@ class Context:
             op = s.queue[0]
             if self.held(op):
                 continue
+            if op.sm and not op.sliced:
+                op.sliced = True
+                op.ready_t = max(op.ready_t, self.env.now + self.model.slice_wait(self))
             if op.ready_t > self.env.now:
                 if not op.wake_set:
                     op.wake_set = True
@@ -188,10 +202,26 @@ class Context:
 
     # ------------------------------------------------------------ spin kernel
 
-    def release_spin(self, key: tuple[int, int]) -> None:
+    def release_spin(self, key: tuple[int, int], noticed: bool = True) -> None:
+        """The spin kernel of ``key`` ends: at once when it ``noticed`` by itself (its own timeout), else (the
+        host cleared its flag) when it next runs, at its context's next time slice."""
         op = self.spins.pop(key, None)
-        if op is not None:
+        if op is None:
+            return
+        wait = 0.0 if noticed else self.model.slice_wait(self, resident=True)
+        if wait <= 0.0:
             self._finish(op)
+            return
+        spin = op
+
+        def notice(_e: simpy.Event) -> None:
+            self._finish(spin)
+
+        self.env.timeout(wait).callbacks.append(notice)
+
+    def busy(self) -> bool:
+        """A kernel of this context is resident (it takes part in the GPU's time-slicing)."""
+        return bool(self.running_kernels)
 
     def idle(self) -> bool:
         return not self.unfinished
@@ -219,11 +249,32 @@ class Context:
 
 
 class GpuModel:
-    def __init__(self, env: simpy.Environment, on_change: Callable[[int], None]):
+    def __init__(self, env: simpy.Environment, on_change: Callable[[int], None],
+                 device_of: Callable[[int], Hashable] | None = None, seed: str = ""):
         self.env = env
         self.on_change = on_change
         self.contexts: dict[int, Context] = {}
         self.module_load_s = MODULE_LOAD_S  # a calibration may override it
+        #: the time slice of contexts sharing a GPU (calibration ``gpu_timeslice_s``); None: no time-slicing
+        self.timeslice_s: float | None = None
+        self.device_of = device_of or (lambda rank: rank)  # a rank's GPU: contexts on one GPU share its SMs
+        self.rng = Random(f"timeslice:{seed}")
+        self.slice_waits = 0  # SM ops and spin releases that waited for a slice
+
+    def slice_wait(self, ctx: Context, resident: bool = False) -> float:
+        """How long SM work of ``ctx`` arriving now waits for the context's time slice (the module docstring);
+        ``resident``: the work is an already resident kernel's (its context is busy by definition)."""
+        t = self.timeslice_s
+        if not t:
+            return 0.0
+        dev = self.device_of(ctx.rank)
+        k = sum(1 for c in self.contexts.values() if c is not ctx and c.running_kernels and self.device_of(c.rank) == dev)
+        if k == 0:
+            return 0.0
+        self.slice_waits += 1
+        if resident or ctx.busy():
+            return self.rng.uniform(0.0, (k + 1) * t)
+        return 0.0 if k == 1 else t + self.rng.uniform(0.0, k * t)
 
     def context(self, rank: int, eager: bool = False, jit_loader: bool = False) -> Context:
         c = self.contexts.get(rank)

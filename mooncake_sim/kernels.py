@@ -23,7 +23,7 @@ SPIN_TIMED_OUT = 3
 def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
     args = eff.args
     if isinstance(args, fx.SpinArgs):
-        op = Op("spin", eff.stream, 0.0, f"spin kernel (task slot {args.slot})", kernel="spin")
+        op = Op("spin", eff.stream, 0.0, f"spin kernel (task slot {args.slot})", kernel="spin", sm=True)
         key = (args.table_rid, args.slot)
 
         def start() -> None:
@@ -37,7 +37,7 @@ def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
             def expire(_e: Any) -> None:
                 if key in ctx.spins and ctx.spins[key] is op:
                     table.write(args.slot * 64, SPIN_TIMED_OUT.to_bytes(4, "little"))
-                    ctx.release_spin(key)
+                    ctx.release_spin(key, noticed=True)
                     sim.dirty(r.env.rank)
 
             timer.callbacks.append(expire)
@@ -48,7 +48,7 @@ def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
     _, dtype, rop = eff.kernel.split("_", 2)
     nbytes = args.count * ITEMSIZE[dtype]
     duration = KERNEL_LAUNCH_S + nbytes * (args.nranks + 1) / REDUCE_BW
-    op = Op("kernel", eff.stream, duration, f"{eff.kernel} over {args.nranks} ranks", kernel=eff.kernel)
+    op = Op("kernel", eff.stream, duration, f"{eff.kernel} over {args.nranks} ranks", kernel=eff.kernel, sm=True)
 
     def done() -> None:
         if not r.env.data_values:
@@ -69,7 +69,8 @@ def memcpy_op(sim: Simulation, r: SimRank, eff: fx.Memcpy) -> Op:
     dst = r.regions[eff.dst_rid]
     both_device = src.region.kind == "device" and dst.region.kind == "device"
     bw = DEVICE_BW if both_device else HOST_LINK_BW
-    op = Op("memcpy", eff.stream, 2e-6 + eff.length / bw, f"memcpy of {eff.length} B on stream {eff.stream}")
+    op = Op("memcpy", eff.stream, 2e-6 + eff.length / bw, f"memcpy of {eff.length} B on stream {eff.stream}",
+            sm=both_device)
 
     def done() -> None:
         if r.env.data_values or eff.length <= 64:
@@ -82,7 +83,8 @@ def memcpy_op(sim: Simulation, r: SimRank, eff: fx.Memcpy) -> Op:
 
 def memset_op(sim: Simulation, r: SimRank, eff: fx.Memset) -> Op:
     dst = r.regions[eff.rid]
-    op = Op("memset", eff.stream, 2e-6 + eff.length / DEVICE_BW, f"memset of {eff.length} B on stream {eff.stream}")
+    op = Op("memset", eff.stream, 2e-6 + eff.length / DEVICE_BW, f"memset of {eff.length} B on stream {eff.stream}",
+            sm=dst.region.kind == "device")
 
     def done() -> None:
         if r.env.data_values or eff.length <= 64:

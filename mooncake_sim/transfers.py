@@ -341,7 +341,9 @@ class TransferModel:
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
                  edges: Links, lat: float, cap: float, stream: str) -> None:
         ctx = self.sim.gpu.context(r.env.rank)
-        op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)")
+        # NVLink/MNNVL copies go GPU to GPU (device to device: SM work); TCP staging copies go to host memory
+        op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)",
+                sm=w.transport in ("nvlink", "mnnvl"))
 
         def start() -> None:
             op.duration = self._start_flow(edges, lat, cap, w.length)

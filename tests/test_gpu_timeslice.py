@@ -1,0 +1,90 @@
+"""The GPU model's time-slicing between processes sharing one GPU (``mooncake_sim/gpu.py``, calibration
+``gpu_timeslice_s``): the waits ``benchmarks/probe_timeslice.py --jitter`` measured on an H100."""
+
+from __future__ import annotations
+
+import simpy
+
+from mooncake_sim.gpu import GpuModel, Op
+
+T = 2.25e-3
+
+
+def _model(timeslice: float | None, devices: dict[int, str]) -> GpuModel:
+    env = simpy.Environment()
+    m = GpuModel(env, lambda _rank: None, devices.__getitem__, seed="test")
+    m.timeslice_s = timeslice
+    return m
+
+
+def _hold(m: GpuModel, rank: int) -> Op:
+    """A resident kernel of ``rank`` (a spin kernel that stays until released)."""
+    op = m.context(rank).enqueue(Op("spin", "compute", 0.0, "spin", kernel="spin"))
+    m.env.run(until=m.env.now + 1e-4)
+    assert op.started
+    return op
+
+
+def _start_delay(m: GpuModel, rank: int, sm: bool = True) -> float:
+    """How long a 1 us op of ``rank`` submitted now waits before it starts."""
+    t0 = m.env.now
+    op = m.context(rank).enqueue(Op("memcpy", "transfer", 1e-6, "copy", sm=sm))
+    m.env.run(until=op.done)
+    return op.start_t - t0
+
+
+def test_without_a_time_slice_nothing_waits() -> None:
+    m = _model(None, {0: "g", 1: "g", 2: "g"})
+    _hold(m, 1)
+    _hold(m, 2)
+    assert _start_delay(m, 0) < 2e-5  # the start latency only
+    assert m.slice_waits == 0
+
+
+def test_waits_follow_the_measured_rules() -> None:
+    m = _model(T, {0: "g", 1: "g", 2: "g", 3: "g", 9: "other"})
+    _hold(m, 1)
+    # an idle context beside one busy context starts at once
+    assert _start_delay(m, 0) < 2e-5
+    _hold(m, 2)
+    # beside two busy contexts: T + uniform 0..2T
+    idle = [_start_delay(m, 0) for _ in range(40)]
+    assert all(T <= d <= 3 * T + 2e-5 for d in idle)
+    assert max(idle) - min(idle) > T / 2  # drawn, not a constant
+    # with a kernel of its own resident: its next slice, uniform 0..3T
+    _hold(m, 0)
+    busy = [_start_delay(m, 0) for _ in range(40)]
+    assert all(0 <= d <= 3 * T + 2e-5 for d in busy)
+    assert min(busy) < T and max(busy) > T
+    # copies to or from host memory run on the copy engines; another GPU's context is not in the rotation
+    assert _start_delay(m, 0, sm=False) < 2e-5
+    assert _start_delay(m, 9) < 2e-5
+
+
+def test_a_released_spin_kernel_ends_at_its_next_slice() -> None:
+    m = _model(T, {0: "g", 1: "g"})
+    _hold(m, 1)
+    ctx = m.context(0)
+    op = _hold(m, 0)
+    ctx.spins[(7, 0)] = op
+    t0 = m.env.now
+    ctx.release_spin((7, 0), noticed=False)
+    m.env.run(until=op.done)
+    assert 0 <= m.env.now - t0 <= 2 * T
+    # its own timeout ends it at once
+    op2 = _hold(m, 0)
+    ctx.spins[(7, 1)] = op2
+    t1 = m.env.now
+    ctx.release_spin((7, 1), noticed=True)
+    m.env.run(until=op2.done)
+    assert m.env.now == t1
+
+
+def test_the_draws_repeat_with_the_seed() -> None:
+    def waits() -> list[float]:
+        m = _model(T, {0: "g", 1: "g", 2: "g"})
+        _hold(m, 1)
+        _hold(m, 2)
+        return [_start_delay(m, 0) for _ in range(5)]
+
+    assert waits() == waits()

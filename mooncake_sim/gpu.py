@@ -259,7 +259,7 @@ class GpuModel:
         self.timeslice_s: float | None = None
         self.device_of = device_of or (lambda rank: rank)  # a rank's GPU: contexts on one GPU share its SMs
         self.rng = Random(f"timeslice:{seed}")
-        self.slice_waits = 0  # SM ops and spin releases that waited for a slice
+        self.slice_waits = 0  # SM ops and spin releases that waited for a slice (a count, for reports and tests)
 
     def slice_wait(self, ctx: Context, resident: bool = False) -> float:
         """How long SM work of ``ctx`` arriving now waits for the context's time slice (the module docstring);
@@ -271,10 +271,12 @@ class GpuModel:
         k = sum(1 for c in self.contexts.values() if c is not ctx and c.running_kernels and self.device_of(c.rank) == dev)
         if k == 0:
             return 0.0
-        self.slice_waits += 1
         if resident or ctx.busy():
-            return self.rng.uniform(0.0, (k + 1) * t)
-        return 0.0 if k == 1 else t + self.rng.uniform(0.0, k * t)
+            wait = self.rng.uniform(0.0, (k + 1) * t)
+        else:
+            wait = 0.0 if k == 1 else t + self.rng.uniform(0.0, k * t)
+        self.slice_waits += wait > 0.0
+        return wait
 
     def context(self, rank: int, eager: bool = False, jit_loader: bool = False) -> Context:
         c = self.contexts.get(rank)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import simpy
 
 from mooncake_sim.gpu import GpuModel, Op
@@ -88,3 +89,29 @@ def test_the_draws_repeat_with_the_seed() -> None:
         return [_start_delay(m, 0) for _ in range(5)]
 
     assert waits() == waits()
+
+
+@pytest.mark.parametrize("name", ["cuda-collectives-1gpu", "lazy-kernel-load-1gpu"])
+def test_time_slicing_changes_the_timing_not_the_story(name: str) -> None:
+    """Ranks sharing one GPU: with a time slice the collective takes longer, while the canonical trace,
+    verdict and cause stay those of the run without (and a run repeats itself)."""
+    from mooncake_protocol.canonical import canonical
+    from mooncake_protocol.outcome import evaluate
+    from mooncake_protocol.scenario import load_scenario
+    from mooncake_sim.driver import Calibration, Simulation
+
+    sc = load_scenario(name)
+
+    def run(cal: Calibration) -> tuple[dict[str, object], float, int]:
+        sim = Simulation(sc, calibration=cal)
+        rec = sim.run()
+        out = evaluate(rec, sc).to_json()
+        spans = [p["done"] - p["collective"] for p in rec.phase_times.values() if "collective" in p and "done" in p]
+        return canonical(rec.marks, out), max(spans, default=rec.sim_time_s), sim.gpu.slice_waits
+
+    plain, t_plain, waits_plain = run(Calibration())
+    sliced, t_sliced, waits = run(Calibration(gpu_timeslice_s=T))
+    assert sliced == plain
+    assert waits_plain == 0 and waits > 0
+    assert t_sliced > t_plain
+    assert run(Calibration(gpu_timeslice_s=T))[1] == t_sliced

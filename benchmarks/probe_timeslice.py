@@ -15,8 +15,9 @@ up: every kernel here ends by itself, at most ``--hold`` seconds after launch):
 With ``--own`` each case is measured again with a kernel of this process resident as well (on another
 stream, as a rank's spin kernel is during a collective). Back-to-back steps start in lockstep with the
 slices (each begins right after the last one's wait); ``--jitter MS`` sleeps a random 0..MS ms (seeded)
-before each ``launch`` and ``d2d`` step instead, so those steps arrive at random phases of the rotation. It prints, per case, the median, 90th percentile and maximum over ``--reps`` repetitions (milliseconds),
-and with ``--json`` the raw samples.
+before each ``launch`` and ``d2d`` step instead, so those steps arrive at random phases of the rotation.
+It prints, per case, the mean, 10th percentile, median, 90th percentile and maximum over ``--reps``
+repetitions (milliseconds), and with ``--json`` the raw samples.
 
     python benchmarks/probe_timeslice.py [--others 0 1 3] [--own] [--reps 40] [--hold 4] [--jitter 0] [--json]
 

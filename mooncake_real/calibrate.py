@@ -509,8 +509,8 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
         "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
         "rank_spread": None,  # likewise
-        # not measured here: benchmarks/probe_timeslice.py measures it, and the model is off without it
-        "gpu_timeslice_s": m.get("gpu_timeslice_s"),
+        # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
+        "gpu_timeslice_s": None,
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}

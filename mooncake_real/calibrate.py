@@ -40,7 +40,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
-              "rank_spread", "gpu_timeslice_s")
+              "rank_spread", "gpu_timeslice_s", "nvlink_same_gpu_s")
 
 BIG = 4 << 20
 
@@ -511,6 +511,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "rank_spread": None,  # likewise
         # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
         "gpu_timeslice_s": None,
+        "nvlink_same_gpu_s": None,  # measured inside a CUDA job only (sim_cuda_by_ranks)
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}
@@ -560,6 +561,8 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
             out["rpc_connect_s"] = max(m["in_situ_rpc_first_s"] - effect - rtt, 0.0)
     if "in_situ_shm_write_s" in m:
         out["shm_latency_s"] = m["in_situ_shm_write_s"]
+    if "in_situ_nvlink_write_s" in m:  # the CUDA job: IPC copies between ranks sharing the GPU
+        out["nvlink_same_gpu_s"] = m["in_situ_nvlink_write_s"]
     if "in_situ_oversleep_s" in m:
         out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
     if "in_situ_rank_spread" in m:

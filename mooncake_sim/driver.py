@@ -74,6 +74,10 @@ class Calibration:
     #                                   of variation of their bootstrap times inside a real job); None: all alike
     gpu_timeslice_s: float | None = None  # the time slice of processes sharing a GPU (gpu.py, "Time-slicing");
     #                                       None: their SM work never waits for one another
+    nvlink_same_gpu_s: float | None = None  # an NVLink (CUDA IPC) WRITE between two processes on one GPU, as
+    #                                         measured inside a real job (copy and synchronise on the transfer
+    #                                         thread, time-slice waits included): its latency instead of the
+    #                                         topology's; None: the topology's NVLink path
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
@@ -246,7 +250,7 @@ class Simulation:
         self.store_host = self.envs[0].host if self.envs else ""
         self.transfers = TransferModel(self)
         self.gpu = GpuModel(self.env, self.dirty, lambda rank: (self.envs[rank].host, self.envs[rank].gpu),
-                            seed=f"{scenario.seed}:{spread_seed}")
+                            seed=f"{scenario.seed}:{spread_seed}", speed_of=lambda rank: self.ranks[rank].speed)
         self.next_handle = 1
         self.last_progress = 0.0
         self.effect_count = 0
@@ -473,7 +477,7 @@ class Simulation:
 
     def rank_speed(self, rank: int, phase: str) -> float:
         """Calibrated ``rank_spread``: the factor on ``rank``'s host costs (CPU charged per effect, store and RPC
-        legs, transfer-thread WRITEs) while it is in ``phase``. Real ranks sharing a host's CPUs get unequal
+        legs, transfer-thread WRITEs, CUDA module loads) while it is in ``phase``. Real ranks sharing a host's CPUs get unequal
         shares for tens of milliseconds at a time, so one finishes its bootstrap well before another (and
         finds its keys missing, docs/parity.md); drawn uniformly with mean 1 and standard deviation
         ``rank_spread``, from the scenario seed, ``spread_seed``, the rank and the phase: a run is repeatable."""
@@ -708,7 +712,7 @@ class Simulation:
                 ctx.load_waiters.append(ev)
                 yield ev | env.timeout(1e-3)
             if eff.kernel not in ctx.loaded:
-                yield env.timeout(self.gpu.module_load_s)
+                yield env.timeout(self.gpu.module_load_s * r.speed)  # the driver's work on the rank's CPU
                 ctx.loaded.add(eff.kernel)
             return None
         if isinstance(eff, fx.Launch):

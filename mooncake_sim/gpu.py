@@ -150,7 +150,7 @@ class Context:
         if any(seq <= barrier for seq in self.unfinished):
             return
         self.loading = True
-        load = self.env.timeout(self.model.module_load_s)
+        load = self.env.timeout(self.model.module_load_s * self.model.speed_of(self.rank))
 
         def done(_e: simpy.Event) -> None:
             self.loaded.add(kernel)
@@ -250,11 +250,15 @@ class Context:
 
 class GpuModel:
     def __init__(self, env: simpy.Environment, on_change: Callable[[int], None],
-                 device_of: Callable[[int], Hashable] | None = None, seed: str = ""):
+                 device_of: Callable[[int], Hashable] | None = None, seed: str = "",
+                 speed_of: Callable[[int], float] | None = None):
         self.env = env
         self.on_change = on_change
         self.contexts: dict[int, Context] = {}
         self.module_load_s = MODULE_LOAD_S  # a calibration may override it
+        #: a rank's factor on its host costs (calibrated ``rank_spread``): a module load is the driver's work
+        #: on the loading process's CPU, so it scales like the rank's other host costs
+        self.speed_of = speed_of or (lambda rank: 1.0)
         #: the time slice of contexts sharing a GPU (calibration ``gpu_timeslice_s``); None: no time-slicing
         self.timeslice_s: float | None = None
         self.device_of = device_of or (lambda rank: rank)  # a rank's GPU: contexts on one GPU share its SMs

@@ -268,6 +268,9 @@ class TransferModel:
             c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
             lat = lat if c_lat is None else c_lat
             cap = cap if not c_bw else c_bw
+        elif (w.transport == "nvlink" and cal.nvlink_same_gpu_s is not None
+              and self.endpoint(r, src.region) == self.endpoint(owner, dst.region)):
+            lat = cal.nvlink_same_gpu_s  # measured in a job whose ranks share one GPU (docs/parity.md)
         cuda = None  # which stream the CUDA call goes to; "mnnvl": decided by the WRITE's size
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":

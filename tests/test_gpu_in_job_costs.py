@@ -1,0 +1,90 @@
+"""CUDA costs measured inside real jobs (``sim_cuda_by_ranks``): module loads follow a rank's speed, and an
+IPC copy between two processes on one GPU takes the in-job NVLink WRITE time (docs/parity.md, "seventh
+session")."""
+
+from __future__ import annotations
+
+import pytest
+import simpy
+
+from mooncake_protocol.scenario import load_scenario
+from mooncake_real.calibrate import in_situ_sim
+from mooncake_sim.driver import Calibration, Simulation, simulate
+from mooncake_sim.gpu import GpuModel, Op
+from mooncake_sim.transfers import TransferModel
+
+
+def _phase_spans(rec: object, ranks: int, start: str, end: str) -> list[float]:
+    marks = {(m["rank"], m["data"]["phase"]): m["t"] for m in rec.marks if m["name"] == "phase"}  # type: ignore[attr-defined]
+    return [marks[(r, end)] - marks[(r, start)] for r in range(ranks)]
+
+
+def test_preloaded_module_loads_scale_with_the_rank_speed() -> None:
+    # lazy-kernel-load-1gpu-fixed preloads every reduce kernel in the bootstrap: 36 module loads per rank,
+    # driver work on the rank's CPU, so a slow rank loads them slowly too
+    sc = load_scenario("lazy-kernel-load-1gpu-fixed")
+    load = 2e-3
+    alike = _phase_spans(simulate(sc, calibration=Calibration(module_load_s=load)), 4, "bootstrap", "warmup")
+    assert max(alike) - min(alike) < 0.01 * max(alike)
+    cal = Calibration(module_load_s=load, rank_spread=0.2)
+    spans = _phase_spans(simulate(sc, calibration=cal), 4, "bootstrap", "warmup")
+    sim = Simulation(sc, calibration=cal)
+    speeds = [sim.rank_speed(r, "bootstrap") for r in range(4)]
+    base = min(alike)  # every rank's bootstrap at speed 1: the loads are nearly all of it
+    for span, speed in zip(spans, speeds, strict=True):
+        assert span == pytest.approx(base * speed, rel=0.02)
+    assert max(speeds) - min(speeds) > 0.05  # the draw does tell the ranks apart
+
+
+def test_a_lazy_module_load_scales_with_the_rank_speed() -> None:
+    env = simpy.Environment()
+    m = GpuModel(env, lambda _rank: None, speed_of={0: 1.0, 1: 1.5}.__getitem__)
+    m.module_load_s = 4e-3
+    ends = []
+    for rank in (0, 1):
+        op = m.context(rank).enqueue(Op("kernel", "compute", 1e-6, "reduce", kernel="reduce_int32_sum"))
+        env.run(until=op.done)
+        ends.append(env.now)
+    assert ends[0] == pytest.approx(4e-3, abs=5e-5)
+    assert ends[1] - ends[0] == pytest.approx(6e-3, abs=5e-5)
+
+
+def _nvlink_latencies(cal: Calibration, name: str) -> dict[tuple[int, int], float]:
+    """(src rank, dst rank) -> planned latency of the scenario's NVLink WRITEs."""
+    got: dict[tuple[int, int], float] = {}
+    orig = TransferModel._plan
+
+    def spy(self: TransferModel, r, w):  # type: ignore[no-untyped-def]
+        plan = orig(self, r, w)
+        if w.transport == "nvlink" and plan[2] is None:
+            got[(r.env.rank, w.dst_owner)] = plan[0]
+        return plan
+
+    TransferModel._plan = spy  # type: ignore[method-assign]
+    try:
+        rec = simulate(load_scenario(name), calibration=cal)
+    finally:
+        TransferModel._plan = orig  # type: ignore[method-assign]
+    assert rec.end_reason == "completed"
+    return got
+
+
+def test_an_ipc_copy_on_one_gpu_takes_the_in_job_nvlink_write_time() -> None:
+    same = _nvlink_latencies(Calibration(nvlink_same_gpu_s=3e-3), "cuda-collectives-1gpu")
+    assert same and all(v == pytest.approx(3e-3) for v in same.values())
+    plain = _nvlink_latencies(Calibration(), "cuda-collectives-1gpu")
+    assert set(plain) == set(same) and all(v < 1e-4 for v in plain.values())  # the topology's NVLink path
+
+
+def test_copies_between_two_gpus_keep_the_topology_latency() -> None:
+    # one rank per GPU on an HGX node: the in-job figure is about ranks sharing a GPU, not NVLink between GPUs
+    got = _nvlink_latencies(Calibration(nvlink_same_gpu_s=3e-3), "mooncake-tests-hgx-2")
+    cross = {k: v for k, v in got.items() if k[0] != k[1]}
+    assert cross and all(v < 1e-4 for v in cross.values())
+
+
+def test_calibrate_takes_the_cuda_jobs_nvlink_writes() -> None:
+    alone = {"store_service_s": 0.0, "rpc_service_s": 0.0}
+    out = in_situ_sim({"in_situ_effect_s": 1e-4, "in_situ_nvlink_write_s": 2.9e-3}, alone)  # type: ignore[arg-type]
+    assert out["nvlink_same_gpu_s"] == pytest.approx(2.9e-3)
+    assert "nvlink_same_gpu_s" not in in_situ_sim({"in_situ_effect_s": 1e-4}, alone)  # type: ignore[arg-type]

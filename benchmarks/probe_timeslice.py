@@ -8,6 +8,8 @@ up: every kernel here ends by itself, at most ``--hold`` seconds after launch):
 
 * ``launch``: an empty kernel launched and waited for (``stream.synchronize``);
 * ``d2h``: a 4-byte device-to-host ``cudaMemcpyAsync`` and its wait (``d2d``: device to device);
+* ``load``: a module (one empty kernel, new each step) loaded from CuPy's disk cache, compiled beforehand by
+  another process: what a lazily loaded kernel's first launch costs (the spin kernel's, a reduce kernel's);
 * ``flag``: the collective's pattern: a spin kernel of this process polls a mapped host flag; the host
   clears it and waits for the kernel to end (time from the clear to the end of the wait), 2 ms after the
   launch (``flag``) and once the kernel has long been resident (``resident_flag``).
@@ -52,6 +54,17 @@ extern "C" __global__ void flag_spin(volatile int* flag, unsigned long long time
 }
 """
 FLAG_TIMEOUT_S = 1.0  # a flag spin that is never cleared ends by itself after this
+#: ``load``: a module of one empty kernel, distinct per step (``{tag}``), compiled beforehand into CuPy's disk
+#: cache by another process, so the step is what a rank's lazy first launch pays: read the cubin, load it
+LOAD_SOURCE = 'extern "C" __global__ void cold_{tag}() {{}}\n'
+
+
+def _warm(tags: list[str]) -> None:
+    """Another process: compile every ``load`` module into CuPy's disk cache (NVRTC runs here, not in the probe)."""
+    import cupy as cp
+
+    for tag in tags:
+        cp.RawModule(code=LOAD_SOURCE.format(tag=tag)).get_function(f"cold_{tag}")
 
 
 def _holder(device: int, hold_s: float, ready: Any, go: Any) -> None:
@@ -77,7 +90,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
 
 
 def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bool = False,
-            jitter_s: float = 0.0, seed: int = 0) -> dict[str, list[float]]:
+            jitter_s: float = 0.0, seed: int = 0, load_tags: list[str] | None = None) -> dict[str, list[float]]:
     import numpy as np
 
     rng = random.Random(seed)
@@ -108,9 +121,9 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             own_stream = cp.cuda.Stream(non_blocking=True)
             mod.get_function("hold")((1,), (1,), (cp.uint64(int(hold_s * 0.9 * 1e9)),), stream=own_stream)
         time.sleep(0.05 if others or own else 0.0)  # the kernels are resident
-        out: dict[str, list[float]] = {"launch": [], "d2h": [], "d2d": [], "flag": []}
+        out: dict[str, list[float]] = {"launch": [], "d2h": [], "d2d": [], "flag": [], "load": []}
         t_end = time.monotonic() + hold_s * 0.8
-        for _ in range(reps):
+        for rep in range(reps):
             if (others or own) and time.monotonic() > t_end:
                 break  # only while the held kernels are still resident
             if jitter_s:
@@ -119,6 +132,12 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             empty((1,), (1,), (), stream=stream)
             stream.synchronize()
             out["launch"].append(time.perf_counter() - t0)
+            if load_tags and not own:  # behind a kernel of its own a load waits for it to end (lazy-loading-probe)
+                if jitter_s:
+                    time.sleep(rng.uniform(0.0, jitter_s))
+                t0 = time.perf_counter()
+                cp.RawModule(code=LOAD_SOURCE.format(tag=load_tags[rep])).get_function(f"cold_{load_tags[rep]}")
+                out["load"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             cp.cuda.runtime.memcpyAsync(host.ctypes.data, small.data.ptr, 4, 2, stream.ptr)  # D2H
             stream.synchronize()
@@ -186,16 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe_timeslice: no usable CUDA GPU ({type(exc).__name__}: {exc})", file=sys.stderr)
         return 2
     results = {}
-    for own in (False, True) if a.own else (False,):
-        for k in a.others:
-            samples = measure(cp, a.device, k, a.reps, a.hold, own, a.jitter / 1e3, a.seed)
-            results[f"others={k} own={int(own)}"] = samples
-            row = "  ".join(f"{name} {s['mean_ms']:.2f}/{s['p10_ms']:.2f}/{s['median_ms']:.2f}/{s['p90_ms']:.2f}/{s['max_ms']:.2f}"
-                            for name, xs in samples.items() if name != "flag_timed_out" for s in [_stats(xs)])
-            timed_out = len(samples.get("flag_timed_out", []))
-            print(f"others {k}, own kernel {'resident' if own else 'none'}: n={len(samples['launch'])}  "
-                  f"(ms mean/p10/median/p90/max)  {row}" + (f"  flag spins timed out: {timed_out}" if timed_out else ""),
-                  flush=True)
+    cases = [(own, k) for own in ((False, True) if a.own else (False,)) for k in a.others]
+    nonce = f"{time.time_ns():x}"  # new modules each run: nothing of this process's memory cache is reused
+    tags = {case: [f"{nonce}_{int(case[0])}_{case[1]}_{i}" for i in range(a.reps)] for case in cases}
+    warm = mp.get_context("spawn").Process(target=_warm, args=([t for ts in tags.values() for t in ts],))
+    warm.start()
+    warm.join(600)
+    if warm.exitcode != 0:
+        print(f"probe_timeslice: compiling the load step's modules failed (exit {warm.exitcode})", file=sys.stderr)
+        return 1
+    for own, k in cases:
+        samples = measure(cp, a.device, k, a.reps, a.hold, own, a.jitter / 1e3, a.seed, tags[(own, k)])
+        results[f"others={k} own={int(own)}"] = samples
+        row = "  ".join(f"{name} {s['mean_ms']:.2f}/{s['p10_ms']:.2f}/{s['median_ms']:.2f}/{s['p90_ms']:.2f}/{s['max_ms']:.2f}"
+                        for name, xs in samples.items() if name != "flag_timed_out" for s in [_stats(xs)])
+        timed_out = len(samples.get("flag_timed_out", []))
+        print(f"others {k}, own kernel {'resident' if own else 'none'}: n={len(samples['launch'])}  "
+              f"(ms mean/p10/median/p90/max)  {row}" + (f"  flag spins timed out: {timed_out}" if timed_out else ""),
+              flush=True)
     if a.json:
         print(json.dumps(results))
     return 0

@@ -477,10 +477,11 @@ class Simulation:
 
     def rank_speed(self, rank: int, phase: str) -> float:
         """Calibrated ``rank_spread``: the factor on ``rank``'s host costs (CPU charged per effect, store and RPC
-        legs, transfer-thread WRITEs, CUDA module loads) while it is in ``phase``. Real ranks sharing a host's CPUs get unequal
-        shares for tens of milliseconds at a time, so one finishes its bootstrap well before another (and
-        finds its keys missing, docs/parity.md); drawn uniformly with mean 1 and standard deviation
-        ``rank_spread``, from the scenario seed, ``spread_seed``, the rank and the phase: a run is repeatable."""
+        legs, transfer-thread WRITEs, CUDA module loads) while it is in ``phase``. Real ranks sharing a host's
+        CPUs get unequal shares for tens of milliseconds at a time, so one finishes its bootstrap well before
+        another (and finds its keys missing, docs/parity.md); drawn uniformly with mean 1 and standard
+        deviation ``rank_spread``, from the scenario seed, ``spread_seed``, the rank and the phase: a run is
+        repeatable."""
         cv = self.cal.rank_spread or 0.0
         u = random.Random(f"spread:{self.scenario.seed}:{self.spread_seed}:{rank}:{phase}").uniform(-1.0, 1.0)
         return max(0.0, 1.0 + cv * math.sqrt(3.0) * u)

@@ -4,13 +4,18 @@ session")."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import simpy
 
+from mooncake_protocol.errors import InputError
 from mooncake_protocol.scenario import load_scenario
 from mooncake_real.calibrate import in_situ_sim
 from mooncake_sim.driver import Calibration, Simulation, simulate
 from mooncake_sim.gpu import GpuModel, Op
+from mooncake_sim.runner import load_calibration
 from mooncake_sim.transfers import TransferModel
 
 
@@ -88,3 +93,14 @@ def test_calibrate_takes_the_cuda_jobs_nvlink_writes() -> None:
     out = in_situ_sim({"in_situ_effect_s": 1e-4, "in_situ_nvlink_write_s": 2.9e-3}, alone)  # type: ignore[arg-type]
     assert out["nvlink_same_gpu_s"] == pytest.approx(2.9e-3)
     assert "nvlink_same_gpu_s" not in in_situ_sim({"in_situ_effect_s": 1e-4}, alone)  # type: ignore[arg-type]
+
+
+def test_a_file_with_both_the_time_slice_and_in_job_ipc_copies_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"sim": {"gpu_timeslice_s": 2.25e-3},
+                                "sim_cuda_by_ranks": {"4": {"nvlink_same_gpu_s": 2.9e-3}}}))
+    with pytest.raises(InputError) as err:
+        load_calibration(str(path))
+    assert "sim.gpu_timeslice_s" in str(err.value) and "null" in str(err.value)
+    path.write_text(json.dumps({"sim": {"gpu_timeslice_s": None}, "sim_cuda_by_ranks": {"4": {"nvlink_same_gpu_s": 2.9e-3}}}))
+    assert load_calibration(str(path)).cuda_by_ranks[4]["nvlink_same_gpu_s"] == pytest.approx(2.9e-3)

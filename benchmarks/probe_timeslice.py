@@ -132,7 +132,7 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             empty((1,), (1,), (), stream=stream)
             stream.synchronize()
             out["launch"].append(time.perf_counter() - t0)
-            if load_tags and not own:  # behind a kernel of its own a load waits for it to end (lazy-loading-probe)
+            if load_tags:  # none with a kernel of its own resident: a load would wait for it (lazy-loading-probe)
                 if jitter_s:
                     time.sleep(rng.uniform(0.0, jitter_s))
                 t0 = time.perf_counter()
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     cases = [(own, k) for own in ((False, True) if a.own else (False,)) for k in a.others]
     nonce = f"{time.time_ns():x}"  # new modules each run: nothing of this process's memory cache is reused
-    tags = {case: [f"{nonce}_{int(case[0])}_{case[1]}_{i}" for i in range(a.reps)] for case in cases}
+    # the load step runs only without a kernel of this process resident (behind one, a load waits for it to end)
+    tags = {case: [f"{nonce}_{case[1]}_{i}" for i in range(a.reps)] for case in cases if not case[0]}
     warm = mp.get_context("spawn").Process(target=_warm, args=([t for ts in tags.values() for t in ts],))
     warm.start()
     warm.join(600)
@@ -215,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"probe_timeslice: compiling the load step's modules failed (exit {warm.exitcode})", file=sys.stderr)
         return 1
     for own, k in cases:
-        samples = measure(cp, a.device, k, a.reps, a.hold, own, a.jitter / 1e3, a.seed, tags[(own, k)])
+        samples = measure(cp, a.device, k, a.reps, a.hold, own, a.jitter / 1e3, a.seed, tags.get((own, k)))
         results[f"others={k} own={int(own)}"] = samples
         row = "  ".join(f"{name} {s['mean_ms']:.2f}/{s['p10_ms']:.2f}/{s['median_ms']:.2f}/{s['p90_ms']:.2f}/{s['max_ms']:.2f}"
-                        for name, xs in samples.items() if name != "flag_timed_out" for s in [_stats(xs)])
+                        for name, xs in samples.items() if name != "flag_timed_out" and xs for s in [_stats(xs)])
         timed_out = len(samples.get("flag_timed_out", []))
         print(f"others {k}, own kernel {'resident' if own else 'none'}: n={len(samples['launch'])}  "
               f"(ms mean/p10/median/p90/max)  {row}" + (f"  flag spins timed out: {timed_out}" if timed_out else ""),

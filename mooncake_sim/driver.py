@@ -713,7 +713,7 @@ class Simulation:
                 ctx.load_waiters.append(ev)
                 yield ev | env.timeout(1e-3)
             if eff.kernel not in ctx.loaded:
-                yield env.timeout(self.gpu.module_load_s * r.speed)  # the driver's work on the rank's CPU
+                yield env.timeout(self.gpu.load_s(r.env.rank))
                 ctx.loaded.add(eff.kernel)
             return None
         if isinstance(eff, fx.Launch):

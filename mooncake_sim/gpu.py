@@ -150,7 +150,7 @@ class Context:
         if any(seq <= barrier for seq in self.unfinished):
             return
         self.loading = True
-        load = self.env.timeout(self.model.module_load_s * self.model.speed_of(self.rank))
+        load = self.env.timeout(self.model.load_s(self.rank))
 
         def done(_e: simpy.Event) -> None:
             self.loaded.add(kernel)
@@ -264,6 +264,10 @@ class GpuModel:
         self.device_of = device_of or (lambda rank: rank)  # a rank's GPU: contexts on one GPU share its SMs
         self.rng = Random(f"timeslice:{seed}")
         self.slice_waits = 0  # SM ops and spin releases that waited for a slice (a count, for reports and tests)
+
+    def load_s(self, rank: int) -> float:
+        """How long a module load of ``rank``'s process takes (preloaded or lazy: the driver's work on its CPU)."""
+        return self.module_load_s * self.speed_of(rank)
 
     def slice_wait(self, ctx: Context, resident: bool = False) -> float:
         """How long SM work of ``ctx`` arriving now waits for the context's time slice (the module docstring);

@@ -40,7 +40,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
-              "rank_spread", "gpu_timeslice_s", "nvlink_same_gpu_s")
+              "rank_spread", "gpu_timeslice_s", "nvlink_same_gpu_s", "first_kernel_s")
 
 BIG = 4 << 20
 
@@ -240,6 +240,15 @@ def effect_steps(trace: list[dict[str, Any]]) -> list[tuple[tuple[int, str], dic
     return out
 
 
+def first_loads_of(stepped: list[tuple[tuple[int, str], dict[str, Any], float]]) -> dict[int, dict[str, Any]]:
+    """Each rank's earliest ``LoadKernel`` record among :func:`effect_steps`' (the process's first kernel)."""
+    firsts: dict[int, dict[str, Any]] = {}
+    for (rank, _act), rec, _step in stepped:
+        if rec.get("effect") == "LoadKernel" and (rank not in firsts or float(rec["t0"]) < float(firsts[rank]["t0"])):
+            firsts[rank] = rec
+    return firsts
+
+
 def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
     """Per-effect time of the real driver, from the probe's trace (``ranks`` processes at once)."""
     from .launcher import launch
@@ -305,7 +314,8 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     RPC servers, transfer threads, zmq I/O threads), so an effect, an RPC or a TCP WRITE there takes several
     times what the same operation takes alone (docs/parity.md). This runs ``scenario`` for real ``runs`` times
     and takes means from its trace (each effect's step: its span plus the gap to the same activity's next
-    effect) and from the ranks' result files (each WRITE's time on the transfer thread).
+    effect) and from the ranks' result files (each WRITE's time on the transfer thread). A rank's first
+    ``LoadKernel`` also sets CuPy up, so it is kept apart (``in_situ_LoadKernel_first_s``).
     """
     from mooncake_protocol.scenario import load_scenario
 
@@ -314,6 +324,7 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     sc = load_scenario(scenario)
     steps: dict[str, list[float]] = defaultdict(list)
     rpc_first: list[float] = []
+    first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
     writes: dict[str, list[float]] = defaultdict(list)
     oversleep: list[float] = []
     spans: list[list[float]] = []
@@ -325,8 +336,13 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
         done += 1
         spans.append(bootstrap_spans(run_record(res, sc).phase_times))
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
-        for key, rec, step in effect_steps(res.trace):
+        stepped = effect_steps(res.trace)
+        firsts = first_loads_of(stepped)
+        for key, rec, step in stepped:
             eff = str(rec["effect"])
+            if firsts.get(key[0]) is rec:
+                first_loads.append(step)
+                continue
             steps[eff].append(step)
             if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
                 conn = (key, str((rec.get("args") or {}).get("target")))
@@ -351,6 +367,8 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     for eff in ("Allocate", "Register", "LoadKernel", "Launch"):
         if steps.get(eff):
             out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
+    if first_loads:  # a rank's first load also sets CuPy up: kept apart from the later ones (in_situ_LoadKernel_s)
+        out["in_situ_LoadKernel_first_s"] = statistics.fmean(first_loads)
     starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
     if starts:
         out["in_situ_thread_start_s"] = statistics.fmean(starts)
@@ -434,14 +452,19 @@ def measure_gpu() -> dict[str, float]:
             "def run(src):\n"
             "    k=cp.RawKernel(src,src.split('void ')[1].split('(')[0]);k((1,),(1,),(b,));cp.cuda.Device().synchronize()\n"
             "b=cp.zeros(1,dtype=cp.int32);cp.cuda.Device().synchronize()\n"
-            "run(sys.argv[1])\n"  # the process's first kernel pays one-time costs: not a module load
-            "t=time.perf_counter();run(sys.argv[2]);print(time.perf_counter()-t)")
-    cached = []
-    for i in range(3):
+            # the process's first kernel pays one-time costs (CuPy's compiler and cache set-up) on top of its load
+            "t=time.perf_counter();run(sys.argv[1]);f=time.perf_counter()-t\n"
+            "t=time.perf_counter();run(sys.argv[2]);print(f,time.perf_counter()-t)")
+    cached, first = [], []
+    for i in range(4):
         r = subprocess.run([sys.executable, "-c", code, *srcs], capture_output=True, text=True, timeout=120, check=False)
         if r.returncode == 0 and r.stdout.strip() and i > 0:  # the first child compiles into the disk cache
-            cached.append(float(r.stdout.strip().splitlines()[-1]))
+            f, later = (float(x) for x in r.stdout.strip().splitlines()[-1].split())
+            cached.append(later)
+            first.append(max(f - later, 0.0))
     out["module_load_s"] = statistics.fmean(cached) if cached else out["module_load_fresh_s"]
+    if first:
+        out["first_kernel_s"] = statistics.fmean(first)
     host = cp.cuda.alloc_pinned_memory(BIG * 4)
     dev_a = cp.cuda.alloc(BIG * 4)
     dev_b = cp.cuda.alloc(BIG * 4)
@@ -512,6 +535,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
         "gpu_timeslice_s": None,
         "nvlink_same_gpu_s": None,  # measured inside a CUDA job only (sim_cuda_by_ranks)
+        "first_kernel_s": m.get("first_kernel_s"),  # a fresh process's first kernel less a later one (alone)
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}
@@ -561,6 +585,8 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
             out["rpc_connect_s"] = max(m["in_situ_rpc_first_s"] - effect - rtt, 0.0)
     if "in_situ_shm_write_s" in m:
         out["shm_latency_s"] = m["in_situ_shm_write_s"]
+    if "in_situ_LoadKernel_first_s" in m and "in_situ_LoadKernel_s" in m:  # the first kernel's one-time set-up
+        out["first_kernel_s"] = max(m["in_situ_LoadKernel_first_s"] - m["in_situ_LoadKernel_s"], 0.0)
     if "in_situ_nvlink_write_s" in m:  # the CUDA job: IPC copies between ranks sharing the GPU
         out["nvlink_same_gpu_s"] = m["in_situ_nvlink_write_s"]
     if "in_situ_oversleep_s" in m:

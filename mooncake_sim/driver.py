@@ -74,6 +74,9 @@ class Calibration:
     #                                   of variation of their bootstrap times inside a real job); None: all alike
     gpu_timeslice_s: float | None = None  # the time slice of processes sharing a GPU (gpu.py, "Time-slicing");
     #                                       None: their SM work never waits for one another
+    first_kernel_s: float | None = None  # a process's first kernel (its first module load or launch) costs this
+    #                                      much host time more: CuPy sets up its compiler and kernel cache
+    #                                      then; None: no such cost
     nvlink_same_gpu_s: float | None = None  # an NVLink (CUDA IPC) WRITE between two processes on one GPU, as
     #                                         measured inside a real job (copy and synchronise on the transfer
     #                                         thread, time-slice waits included): its latency instead of the
@@ -282,6 +285,7 @@ class Simulation:
         cal = self.cal
         self.rdma_overhead_s = cal.rdma_overhead_s
         self.gpu.module_load_s = MODULE_LOAD_S if cal.module_load_s is None else cal.module_load_s
+        self.gpu.first_kernel_s = cal.first_kernel_s or 0.0
         self.gpu.timeslice_s = cal.gpu_timeslice_s
         start = cal.thread_start_s or 0.0
         self.cpu_cost = {fx.Allocate: cal.alloc_s, fx.Register: cal.register_s, fx.Spawn: start, fx.RpcServe: start}
@@ -706,6 +710,12 @@ class Simulation:
 
         env = self.env
         ctx = self._ctx(r)
+        if isinstance(eff, (fx.LoadKernel, fx.Launch)) and not ctx.kernels_used:
+            # the process's first kernel: a one-time set-up on the host before its load or launch (calibrated)
+            ctx.kernels_used = True
+            first = self.gpu.first_kernel_s_of(r.env.rank)
+            if first > 0.0 and not (isinstance(eff, fx.LoadKernel) and eff.kernel in ctx.loaded):
+                yield env.timeout(first)
         if isinstance(eff, fx.LoadKernel):
             # cudaFuncGetAttributes: loads the module now; it needs the context's submitted work to drain
             while eff.kernel not in ctx.loaded and not ctx.idle():

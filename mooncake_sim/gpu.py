@@ -12,6 +12,9 @@ lazy-loading hazard is per context, as the H100 probe showed). Facts modelled (l
   thread that launches, and every other host CUDA call of the process, blocks as well.
 * A preloaded kernel (cudaFuncGetAttributes / RawKernel.compile) launches freely;
   CUDA_MODULE_LOADING=EAGER loads runtime-API kernels at context creation.
+* A process's first kernel (its first load or launch) costs a one-time host set-up on top (calibrated
+  ``first_kernel_s``; none without it): CuPy initialises its compiler and kernel cache then, 27-36 ms in a
+  fresh process on the H100 host and 38-62 ms inside a 2-4 rank job (docs/parity.md, eighth session).
 * Time-slicing (calibrated: ``gpu_timeslice_s``; off without it). Contexts of several processes on one GPU
   without MPS take turns of one slice T each while more than one has work. What
   ``benchmarks/probe_timeslice.py --jitter`` measured on an H100 (T = 2.25 ms) for SM work (kernels,
@@ -77,6 +80,7 @@ class Context:
         self.rank = rank
         self.streams: dict[str, Stream] = {}
         self.loaded: set[str] = set()
+        self.kernels_used = False  # a kernel was loaded or launched (the one-time set-up is behind)
         self.eager = eager
         self.jit_loader = jit_loader
         self.next_seq = 1
@@ -256,6 +260,8 @@ class GpuModel:
         self.on_change = on_change
         self.contexts: dict[int, Context] = {}
         self.module_load_s = MODULE_LOAD_S  # a calibration may override it
+        #: the extra host time of a process's first kernel (calibration ``first_kernel_s``; 0: none)
+        self.first_kernel_s = 0.0
         #: a rank's factor on its host costs (calibrated ``rank_spread``): a module load is the driver's work
         #: on the loading process's CPU, so it scales like the rank's other host costs
         self.speed_of = speed_of or (lambda rank: 1.0)
@@ -268,6 +274,10 @@ class GpuModel:
     def load_s(self, rank: int) -> float:
         """How long a module load of ``rank``'s process takes (preloaded or lazy: the driver's work on its CPU)."""
         return self.module_load_s * self.speed_of(rank)
+
+    def first_kernel_s_of(self, rank: int) -> float:
+        """The one-time set-up before ``rank``'s first kernel (host work, like a module load)."""
+        return self.first_kernel_s * self.speed_of(rank)
 
     def slice_wait(self, ctx: Context, resident: bool = False) -> float:
         """How long SM work of ``ctx`` arriving now waits for the context's time slice (the module docstring);

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import simpy
 
+from mooncake_protocol.canonical import canonical
 from mooncake_protocol.errors import InputError
+from mooncake_protocol.outcome import evaluate
 from mooncake_protocol.scenario import load_scenario
-from mooncake_real.calibrate import in_situ_sim
+from mooncake_real.calibrate import first_loads_of, in_situ_sim
 from mooncake_sim.driver import Calibration, Simulation, simulate
 from mooncake_sim.gpu import GpuModel, Op
 from mooncake_sim.runner import load_calibration
@@ -104,3 +106,52 @@ def test_a_file_with_both_the_time_slice_and_in_job_ipc_copies_is_refused(tmp_pa
     assert "sim.gpu_timeslice_s" in str(err.value) and "null" in str(err.value)
     path.write_text(json.dumps({"sim": {"gpu_timeslice_s": None}, "sim_cuda_by_ranks": {"4": {"nvlink_same_gpu_s": 2.9e-3}}}))
     assert load_calibration(str(path)).cuda_by_ranks[4]["nvlink_same_gpu_s"] == pytest.approx(2.9e-3)
+
+
+# ---------------------------------------------------------------- the first kernel of a process (eighth session)
+
+
+def test_the_first_preloaded_kernel_pays_the_one_time_setup() -> None:
+    # 36 preloads per rank: only the first carries CuPy's set-up, so each bootstrap is longer by it once
+    sc = load_scenario("lazy-kernel-load-1gpu-fixed")
+    base = _phase_spans(simulate(sc, calibration=Calibration(module_load_s=1e-3)), 4, "bootstrap", "warmup")
+    setup = _phase_spans(simulate(sc, calibration=Calibration(module_load_s=1e-3, first_kernel_s=40e-3)), 4,
+                         "bootstrap", "warmup")
+    for b, s in zip(base, setup, strict=True):
+        assert s - b == pytest.approx(40e-3, abs=1e-3)
+
+
+def test_a_lazy_first_spin_launch_takes_the_setup_and_the_hang_stays() -> None:
+    # no preload: the spin kernel is the process's first kernel, so its Launch call holds the host for the
+    # set-up (38-79 ms in the H100 runs); the lazily loaded reduce kernel still hangs behind it
+    sc = load_scenario("lazy-kernel-load-1gpu")
+    rec = simulate(sc, record_effects=True, calibration=Calibration(first_kernel_s=30e-3))
+    plain = simulate(sc, record_effects=True, calibration=Calibration())
+    outcomes = [evaluate(r, sc).to_json() for r in (rec, plain)]
+    assert outcomes[0]["cause"] == "lazy-kernel-load"
+    assert canonical(rec.marks, outcomes[0]) == canonical(plain.marks, outcomes[1])  # the same story, later
+    spins = [e for e in rec.effects if e["effect"] == "Launch" and e["args"]["kernel"] == "spin"]
+    firsts = {}
+    for e in sorted(spins, key=lambda e: e["t0"]):
+        firsts.setdefault(e["rank"], e)
+    assert sorted(firsts) == [0, 1, 2, 3]
+    assert all(e["t1"] - e["t0"] >= 30e-3 for e in firsts.values())
+    later = [e for e in rec.effects if e["effect"] == "Launch" and e not in firsts.values()]
+    assert all(e["t1"] - e["t0"] < 1e-3 for e in later if e["args"]["kernel"] == "spin")
+    plain_spins = [e for e in plain.effects if e["effect"] == "Launch" and e["args"]["kernel"] == "spin"]
+    assert all(e["t1"] - e["t0"] < 1e-3 for e in plain_spins)  # uncalibrated: no set-up
+
+
+def test_calibrate_splits_the_first_load_from_the_later_ones() -> None:
+    alone = {"store_service_s": 0.0, "rpc_service_s": 0.0}
+    out = in_situ_sim({"in_situ_effect_s": 1e-4, "in_situ_LoadKernel_s": 0.7e-3,  # type: ignore[arg-type]
+                       "in_situ_LoadKernel_first_s": 50e-3}, alone)
+    assert out["module_load_s"] == pytest.approx(0.6e-3)
+    assert out["first_kernel_s"] == pytest.approx(49.3e-3)
+    assert "first_kernel_s" not in in_situ_sim({"in_situ_effect_s": 1e-4, "in_situ_LoadKernel_s": 1e-3}, alone)  # type: ignore[arg-type]
+    stepped = [((0, "caller"), {"effect": "LoadKernel", "t0": 0.2}, 1e-3),
+               ((0, "caller"), {"effect": "LoadKernel", "t0": 0.1}, 50e-3),
+               ((0, "worker"), {"effect": "Launch", "t0": 0.0}, 1e-3),
+               ((1, "caller"), {"effect": "LoadKernel", "t0": 0.3}, 40e-3)]
+    firsts = first_loads_of(stepped)
+    assert {r: rec["t0"] for r, rec in firsts.items()} == {0: 0.1, 1: 0.3}

@@ -241,12 +241,13 @@ def effect_steps(trace: list[dict[str, Any]]) -> list[tuple[tuple[int, str], dic
 
 
 def first_loads_of(stepped: list[tuple[tuple[int, str], dict[str, Any], float]]) -> dict[int, dict[str, Any]]:
-    """Each rank's earliest ``LoadKernel`` record among :func:`effect_steps`' (the process's first kernel)."""
+    """Each rank's earliest ``LoadKernel`` record among :func:`effect_steps`', where it is the process's first
+    kernel (a rank whose first kernel was a ``Launch`` paid the set-up there, and has none)."""
     firsts: dict[int, dict[str, Any]] = {}
     for (rank, _act), rec, _step in stepped:
-        if rec.get("effect") == "LoadKernel" and (rank not in firsts or float(rec["t0"]) < float(firsts[rank]["t0"])):
+        if rec.get("effect") in ("LoadKernel", "Launch") and (rank not in firsts or float(rec["t0"]) < float(firsts[rank]["t0"])):
             firsts[rank] = rec
-    return firsts
+    return {rank: rec for rank, rec in firsts.items() if rec["effect"] == "LoadKernel"}
 
 
 def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:

@@ -151,7 +151,9 @@ def test_calibrate_splits_the_first_load_from_the_later_ones() -> None:
     assert "first_kernel_s" not in in_situ_sim({"in_situ_effect_s": 1e-4, "in_situ_LoadKernel_s": 1e-3}, alone)  # type: ignore[arg-type]
     stepped = [((0, "caller"), {"effect": "LoadKernel", "t0": 0.2}, 1e-3),
                ((0, "caller"), {"effect": "LoadKernel", "t0": 0.1}, 50e-3),
-               ((0, "worker"), {"effect": "Launch", "t0": 0.0}, 1e-3),
-               ((1, "caller"), {"effect": "LoadKernel", "t0": 0.3}, 40e-3)]
+               ((0, "worker"), {"effect": "Launch", "t0": 0.15}, 1e-3),
+               ((1, "caller"), {"effect": "LoadKernel", "t0": 0.3}, 40e-3),
+               ((2, "caller"), {"effect": "Launch", "t0": 0.1}, 40e-3),  # its first kernel was launched
+               ((2, "caller"), {"effect": "LoadKernel", "t0": 0.2}, 1e-3)]
     firsts = first_loads_of(stepped)
     assert {r: rec["t0"] for r, rec in firsts.items()} == {0: 0.1, 1: 0.3}

@@ -206,9 +206,9 @@ class Worker:
                 return True
             b = s.backend
             assert b is not None
-            flags = b""
-            if s.state is SlotState.SIGNALED_1:
-                flags = reader.read(s.flags_rid, 0, 4 * b.env.size)
+            # SIGNALED_1 also needs the peers' sync flags: read one flag at a time, only those looked at (a
+            # driver can then tell that a flag landing beyond the first missing one changes no answer)
+            flags_rid = s.flags_rid if s.state is SlotState.SIGNALED_1 else None
             ready = True
             start = s.ready_prefix[2] if s.ready_prefix[:2] == (s.batch, s.state) else 0
             active, ids, reqs = b.active, s.ids, batch.reqs
@@ -237,7 +237,7 @@ class Worker:
                     if st.startswith("failed"):
                         return True
                     ready = False
-                elif flags and flags[4 * j:4 * j + 4] != _FLAG_SET:
+                elif flags_rid is not None and reader.read(flags_rid, 4 * j, 4) != _FLAG_SET:
                     ready = False
                 if not ready:
                     s.ready_prefix = (s.batch, s.state, j)

@@ -160,20 +160,41 @@ class Waiter:
     event: simpy.Event
     t0: float = 0.0
     tick: float = 0.0  # calibrated: the real driver re-checks the predicate every ``tick`` from ``t0``
+    #: what the predicate's last evaluation (which said no) read of the rank's memory, as (rid, start, end)
+    #: ranges, and the rank's epoch then; None: not known (never evaluated, or it read what the driver does
+    #: not follow), so any change re-evaluates it (:meth:`Simulation.dirty_written`)
+    reads: list[tuple[int, int, int]] | None = None
+    epoch: int = -1
 
 
 class Reader:
-    """The :class:`mooncake_protocol.effects.MemoryReader` of one rank."""
+    """The :class:`mooncake_protocol.effects.MemoryReader` of one rank.
+
+    While ``log`` is a list, it records what a predicate reads (:meth:`Simulation._evaluate`): memory ranges,
+    and whether it read anything else than this rank's memory and the statuses of this rank's batches
+    (``foreign``)."""
 
     def __init__(self, sim: Simulation, rank: SimRank):
         self.sim = sim
         self.rank = rank
+        self.log: list[tuple[int, int, int]] | None = None
+        self.foreign = False
 
     def read(self, rid: int, offset: int, length: int) -> bytes:
+        log = self.log
+        if log is not None:
+            log.append((rid, offset, offset + length))
         return self.rank.regions[rid].read(offset, length)
 
     def status(self, batch: int) -> tuple[str, ...]:
-        return self.sim.transfers.status(batch)
+        transfers = self.sim.transfers
+        if self.log is not None:
+            # a batch's statuses change only in the transfer model, which then bumps its owner's epoch; a freed
+            # batch stays gone (ids are never reused); another rank's batch or one not yet made is not followed
+            b = transfers.batches.get(batch)
+            if (b.owner != self.rank.env.rank) if b is not None else batch >= transfers.next_id:
+                self.foreign = True
+        return transfers.status(batch)
 
 
 #: Two chunk intervals count as one steady period when they differ by at most this fraction.
@@ -210,6 +231,10 @@ class SimRank:
     caller: int | None = None  # handle of the rank's main activity
     died_at: float | None = None  # simulated time of a kill
     speed: float = 1.0  # calibrated rank_spread: this rank's factor on its host costs in its current phase
+    #: bumped whenever anything a WaitUntil predicate of this rank may look at can have changed, except a WRITE
+    #: landing in its memory: its activities run (its protocol state), its RPC handler runs, its memory is
+    #: written otherwise (SimRegion.write/fill), a batch of its changes status (:meth:`Simulation.dirty_written`)
+    epoch: int = 0
 
 
 RunResult = RunRecord
@@ -313,15 +338,30 @@ class Simulation:
         self.progress(f"... {self.env.now:.4f} s simulated, {self.effect_count:,} effects, "
                       f"{now - self._wall0:.0f} s wall; slowest rank in phase {slowest}")
 
+    @staticmethod
+    def _evaluate(r: SimRank, w: Waiter, reader: Reader) -> Any:
+        """``w``'s predicate now; a "no" keeps what it read and the rank's epoch (:meth:`dirty_written`)."""
+        reads: list[tuple[int, int, int]] = []
+        reader.log, reader.foreign = reads, False
+        try:
+            ok = w.effect.predicate(reader)
+        finally:
+            reader.log = None
+        if not ok:
+            w.reads = None if reader.foreign else reads
+            w.epoch = r.epoch
+        return ok
+
     def dirty(self, rank: int) -> None:
         """Something of ``rank`` may have changed: re-check its waiters."""
         r = self.ranks[rank]
         waiters, reader = r.waiters, r.reader
         if not waiters or reader is None:
             return
+        evaluate = self._evaluate
         still: list[Waiter] | None = None  # built only once some waiter leaves (most calls change nothing)
         for i, w in enumerate(waiters):
-            if not w.event.triggered and not w.effect.predicate(reader):
+            if not w.event.triggered and not evaluate(r, w, reader):
                 if still is not None:
                     still.append(w)
                 continue
@@ -340,6 +380,32 @@ class Simulation:
             w.event.succeed(True)
         if still is not None:
             r.waiters = still
+
+    def dirty_written(self, rank: int, written: list[tuple[int, int, int]]) -> None:
+        """WRITEs landed in ``rank``'s memory, at ``written`` (rid, start, end) ranges, and nothing else changed.
+
+        The same as :meth:`dirty`, without evaluating predicates whose answer cannot have changed: a predicate
+        is a function of its rank's state (protocol objects, memory, its batches' statuses) only, and when its
+        last evaluation said no, the rank's epoch has not moved since (nothing else of the rank changed) and no
+        range written since overlaps what it read, it would say no again. Every landing is followed by a call
+        of this method with its ranges, so the ranges of this call are all that was written since the last
+        evaluation of any waiter it skips. A WRITE of a few sync flags to a rank that waits for another peer's
+        flag is then not a walk over its task table and peers. Otherwise it is :meth:`dirty`."""
+        r = self.ranks[rank]
+        waiters = r.waiters
+        if not waiters or r.reader is None:
+            return
+        epoch = r.epoch
+        for w in waiters:
+            reads = w.reads
+            if reads is None or w.epoch != epoch or w.event.triggered:
+                self.dirty(rank)
+                return
+            for rid, lo, hi in reads:
+                for wrid, wlo, whi in written:
+                    if rid == wrid and lo < whi and wlo < hi:
+                        self.dirty(rank)
+                        return
 
     def _poll_tick(self, poll_s: float) -> float:
         """The period at which the real driver re-checks a ``WaitUntil`` (0.0: uncalibrated, notice at once):
@@ -375,6 +441,7 @@ class Simulation:
                     pending_dirty = False
                     self.dirty(rank)
                 yield env.timeout(r.paused_until - env.now)
+            r.epoch += 1  # the rank's protocol state may change (dirty_written)
             try:
                 eff = gen.throw(error) if error is not None else gen.send(result)
             except StopIteration as stop:
@@ -525,7 +592,7 @@ class Simulation:
 
     def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
         region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
-        r.regions[region.rid] = SimRegion(region, eff.zero)
+        r.regions[region.rid] = SimRegion(region, eff.zero, owner=r)
         return region
 
     def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
@@ -581,10 +648,10 @@ class Simulation:
             return None
         if isinstance(eff, fx.WaitUntil):
             assert r.reader is not None
-            if eff.predicate(r.reader):
-                return True
             ev = env.event()
             waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
+            if self._evaluate(r, waiter, r.reader):
+                return True
             r.waiters.append(waiter)
             if eff.timeout_s is None:
                 yield ev
@@ -669,6 +736,7 @@ class Simulation:
         yield env.timeout(connect + one_way + service + pause)
         if (yield from self.notice_dead(owner, t0)):
             return fx.RpcReply(False, b"", "refused")
+        self.ranks[server.rank].epoch += 1  # the handler changes its rank's protocol state (dirty_written)
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)

@@ -132,15 +132,19 @@ class TransferModel:
                 b.statuses[i] = f"failed:{failure}"
                 b.view = None
                 b.pending -= 1
+                self.sim.ranks[b.owner].epoch += 1  # its batch's statuses changed (Simulation.dirty_written)
                 self.sim.dirty(b.owner)
 
         ev.callbacks.append(fail)
 
     def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, Links]]) -> None:
+        sim = self.sim
         b = self.batches.get(bid)
         if b is not None:
             b.view = None
-        touched = set()
+            sim.ranks[b.owner].epoch += 1  # its batch's statuses change (Simulation.dirty_written)
+        touched = set()  # the owners to wake, in the order a set of ranks iterates
+        written: dict[int, list[tuple[int, int, int]]] = {}  # per owner: the (rid, start, end) ranges written
         failed = False
         flows = self.link_flows
         for i, w, payload, edges in items:
@@ -154,15 +158,23 @@ class TransferModel:
                     failed = True
                 continue
             if payload:  # a length-only WRITE (sizes mode) changes no byte the owner could be waiting on
-                touched.add(w.dst_owner)
+                o = w.dst_owner
+                touched.add(o)
+                addr = w.dst_addr
+                start = addr & OFFSET_MASK
+                rng = ((addr >> RID_SHIFT) & RID_MASK, start, start + len(payload))
+                if o in written:
+                    written[o].append(rng)
+                else:
+                    written[o] = [rng]
             self.bytes_moved += w.length
             if b is not None:
                 b.statuses[i] = "completed"
         # the submitter's waits look at whole batches: wake it when the batch has settled or something failed
         if b is not None and (b.pending <= 0 or failed):
-            self.sim.dirty(b.owner)
+            sim.dirty(b.owner)
         for o in touched:
-            self.sim.dirty(o)
+            sim.dirty_written(o, written[o])
 
     def _deliver(self, w: fx.WriteReq, payload: bytes) -> bool:
         owner = self.sim.ranks[w.dst_owner]
@@ -172,7 +184,7 @@ class TransferModel:
         if region is None:
             return False
         if payload:
-            region.write(w.dst_addr & OFFSET_MASK, payload)
+            region.land(w.dst_addr & OFFSET_MASK, payload)  # reported to the driver by _land (dirty_written)
         return True
 
     def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, Links]:

@@ -947,6 +947,14 @@ class Simulation:
             self.env.run(until=self.stop)
         finally:
             if collecting:
+                # What the run left alive (marks, caches, models: millions of objects at 512 ranks) is all in
+                # the youngest generation now, and the first collection after enabling would walk every one of
+                # it (seconds). Move it to the oldest generation instead: freeze then unfreeze walks nothing.
+                # A full collection still looks at it, so the run's cyclic garbage is still collected. (Skipped
+                # where someone else keeps objects frozen: unfreeze would release theirs too.)
+                if not gc.get_freeze_count():
+                    gc.freeze()
+                    gc.unfreeze()
                 gc.enable()
         reason = str(self.stop.value)
         blocked = self.blocked() if reason != "completed" else []

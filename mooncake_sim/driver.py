@@ -239,6 +239,9 @@ class SimRank:
 
 RunResult = RunRecord
 
+#: The store's effects (one request each to the store server).
+_STORE_EFFECTS = (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)
+
 #: Effects whose interpretation never lets simulated time pass (no SimPy event is awaited).
 _INSTANT_EFFECTS: frozenset[type] = frozenset({
     fx.Mark, fx.Now, fx.Allocate, fx.Register, fx.ReadMem, fx.WriteMem, fx.RpcBind, fx.RpcServe,
@@ -290,6 +293,7 @@ class Simulation:
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
         self._instant = self._instant_table()
+        self._timed = self._timed_table()
         for f in scenario.faults:
             if f.kind == "hold_port":
                 self.network.hold(f.host, int(f.port), FOREIGN)
@@ -358,13 +362,22 @@ class Simulation:
         waiters, reader = r.waiters, r.reader
         if not waiters or reader is None:
             return
-        evaluate = self._evaluate
         still: list[Waiter] | None = None  # built only once some waiter leaves (most calls change nothing)
         for i, w in enumerate(waiters):
-            if not w.event.triggered and not evaluate(r, w, reader):
-                if still is not None:
-                    still.append(w)
-                continue
+            if not w.event.triggered:
+                # _evaluate, inlined (the hot path: a rank's every burst of effects re-checks its waiters)
+                reads: list[tuple[int, int, int]] = []
+                reader.log, reader.foreign = reads, False
+                try:
+                    ok = w.effect.predicate(reader)
+                finally:
+                    reader.log = None
+                if not ok:
+                    w.reads = None if reader.foreign else reads
+                    w.epoch = r.epoch
+                    if still is not None:
+                        still.append(w)
+                    continue
             if still is None:
                 still = waiters[:i]
             if w.event.triggered:
@@ -432,11 +445,12 @@ class Simulation:
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
         coalesce = not (self.cal.effect_cpu_s or any(self.cpu_cost.values()))
-        env, instants, rank = self.env, self._instant, r.env.rank  # the hot loop: locals, not attributes
+        env, instants, timed, rank = self.env, self._instant, self._timed, r.env.rank  # the hot loop: locals
+        progress, record = self.progress is not None, self.record_effects  # both fixed for the run
         while True:
             if not r.alive:
                 break
-            if r.paused_until > env.now:
+            if r.paused_until and r.paused_until > env.now:  # (0.0: never paused, and time is never negative)
                 if pending_dirty:
                     pending_dirty = False
                     self.dirty(rank)
@@ -462,16 +476,16 @@ class Simulation:
                 if instant is not None:
                     result = instant(r, act, eff)
                 else:
-                    result = yield from self.interpret(r, act, eff)
+                    result = yield from (timed.get(type(eff)) or self.interpret)(r, act, eff)
             except ProtocolError as exc:  # an effect can fail in a way the protocol must see
                 error = exc
                 result = None
             self.effect_count += 1
-            if self.progress is not None and not self.effect_count % 20000:
+            if progress and not self.effect_count % 20000:
                 self._report_progress()
             if not coalesce:
                 yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
-            if self.record_effects and not isinstance(eff, fx.Mark):
+            if record and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
             act.current = None
             if coalesce:
@@ -640,36 +654,60 @@ class Simulation:
                 fx.RpcBind: self._fx_bind, fx.RpcServe: self._fx_serve, fx.SubmitTransfer: self._fx_submit,
                 fx.PollTransfer: self._fx_poll, fx.FreeBatch: self._fx_free, fx.Spawn: self._fx_spawn}
 
+    def _fx_sleep(self, r: SimRank, act: Act, eff: fx.Sleep) -> SimGen:
+        yield self.env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
+        return None
+
+    def _fx_wait_until(self, r: SimRank, act: Act, eff: fx.WaitUntil) -> SimGen:
+        env = self.env
+        assert r.reader is not None
+        ev = env.event()
+        waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
+        if self._evaluate(r, waiter, r.reader):
+            return True
+        r.waiters.append(waiter)
+        if eff.timeout_s is None:
+            yield ev
+            return True
+        timer = env.timeout(eff.timeout_s)
+        yield ev | timer
+        if not ev.triggered:
+            # timed out: drop the waiter, or every later dirty() re-evaluates its predicate in vain
+            try:
+                r.waiters.remove(waiter)
+            except ValueError:
+                pass
+        return ev.triggered
+
+    def _fx_store(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
+        one_way = self.cal.store_one_way_s
+        if one_way is None:
+            one_way = self.network.one_way(r.env.host, self.store_host)
+        result = yield from self.store.request(eff, one_way * r.speed)
+        return result
+
+    def _timed_table(self) -> dict[type, Callable[[SimRank, Act, Any], SimGen]]:
+        """The commonest effects that let time pass, by type: one generator each, straight from _run_activity
+        (:meth:`interpret` handles the rest, and these too for a subclass)."""
+        table: dict[type, Callable[[SimRank, Act, Any], SimGen]] = {
+            fx.Sleep: self._fx_sleep, fx.WaitUntil: self._fx_wait_until, fx.RpcCall: self._rpc_of_act}
+        for t in _STORE_EFFECTS:
+            table[t] = self._fx_store
+        return table
+
+    def _rpc_of_act(self, r: SimRank, act: Act, eff: fx.RpcCall) -> SimGen:
+        return self._rpc(r, eff, act.name)  # the generator itself: one frame less per resumption
+
     def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
         """An effect that may let simulated time pass (the instant ones are :meth:`_instant_table`'s)."""
-        env = self.env
         if isinstance(eff, fx.Sleep):
-            yield env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
-            return None
+            result = yield from self._fx_sleep(r, act, eff)
+            return result
         if isinstance(eff, fx.WaitUntil):
-            assert r.reader is not None
-            ev = env.event()
-            waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
-            if self._evaluate(r, waiter, r.reader):
-                return True
-            r.waiters.append(waiter)
-            if eff.timeout_s is None:
-                yield ev
-                return True
-            timer = env.timeout(eff.timeout_s)
-            yield ev | timer
-            if not ev.triggered:
-                # timed out: drop the waiter, or every later dirty() re-evaluates its predicate in vain
-                try:
-                    r.waiters.remove(waiter)
-                except ValueError:
-                    pass
-            return ev.triggered
-        if isinstance(eff, (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)):
-            one_way = self.cal.store_one_way_s
-            if one_way is None:
-                one_way = self.network.one_way(r.env.host, self.store_host)
-            result = yield from self.store.request(eff, one_way * r.speed)
+            result = yield from self._fx_wait_until(r, act, eff)
+            return result
+        if isinstance(eff, _STORE_EFFECTS):
+            result = yield from self._fx_store(r, act, eff)
             return result
         if isinstance(eff, fx.RpcCall):
             reply = yield from self._rpc(r, eff, act.name)
@@ -725,7 +763,7 @@ class Simulation:
         slow = owner.env.fault("slow_peer")
         if slow is not None:
             service += float(slow.seconds)
-        connect = self.connect_cost(r.env.rank, thread, eff.target) * r.speed
+        connect = (self.connect_cost(r.env.rank, thread, eff.target) if self.cal.rpc_connect_s else 0.0) * r.speed
         one_way *= r.speed
         pause = max(0.0, owner.paused_until - (env.now + connect + one_way))
         total = connect + 2 * one_way + service + pause
@@ -734,7 +772,7 @@ class Simulation:
             return fx.RpcReply(False, b"", "timeout")
         t0 = env.now
         yield env.timeout(connect + one_way + service + pause)
-        if (yield from self.notice_dead(owner, t0)):
+        if self.cal.dead_peer_check_s and (yield from self.notice_dead(owner, t0)):  # (uncalibrated: False)
             return fx.RpcReply(False, b"", "refused")
         self.ranks[server.rank].epoch += 1  # the handler changes its rank's protocol state (dirty_written)
         payload = server.handler(eff.method, eff.payload)

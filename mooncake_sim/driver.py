@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,31 +394,40 @@ class Simulation:
         if still is not None:
             r.waiters = still
 
-    def dirty_written(self, rank: int, written: list[tuple[int, int, int]]) -> None:
-        """WRITEs landed in ``rank``'s memory, at ``written`` (rid, start, end) ranges, and nothing else changed.
+    def dirty_written(self, ranks: Iterable[int], written: dict[int, list[tuple[int, int, int]]]) -> None:
+        """WRITEs landed in the memory of ``ranks`` (in this order), at the (rid, start, end) ranges ``written``
+        of each, and nothing else changed: :meth:`dirty` for each rank, without evaluating predicates whose
+        answer cannot have changed.
 
-        The same as :meth:`dirty`, without evaluating predicates whose answer cannot have changed: a predicate
-        is a function of its rank's state (protocol objects, memory, its batches' statuses) only, and when its
-        last evaluation said no, the rank's epoch has not moved since (nothing else of the rank changed) and no
-        range written since overlaps what it read, it would say no again. Every landing is followed by a call
-        of this method with its ranges, so the ranges of this call are all that was written since the last
-        evaluation of any waiter it skips. A WRITE of a few sync flags to a rank that waits for another peer's
-        flag is then not a walk over its task table and peers. Otherwise it is :meth:`dirty`."""
-        r = self.ranks[rank]
-        waiters = r.waiters
-        if not waiters or r.reader is None:
-            return
-        epoch = r.epoch
-        for w in waiters:
-            reads = w.reads
-            if reads is None or w.epoch != epoch or w.event.triggered:
-                self.dirty(rank)
-                return
-            for rid, lo, hi in reads:
-                for wrid, wlo, whi in written:
-                    if rid == wrid and lo < whi and wlo < hi:
-                        self.dirty(rank)
-                        return
+        A predicate is a function of its rank's state only (protocol objects, memory, its batches' statuses).
+        When its last evaluation said no, the rank's epoch has not moved since (nothing else of the rank
+        changed) and no range written since overlaps what it read, it would say no again. Every landing is
+        followed by a call of this method with its ranges, so the ranges of this call are all that was written
+        since the last evaluation of a waiter it skips. A WRITE of a sync flag to a rank that waits for another
+        peer's flag is then not a walk over its task table and peers. Any other case is :meth:`dirty`."""
+        unchanged = self._unchanged
+        for rank in ranks:
+            r = self.ranks[rank]
+            waiters = r.waiters
+            if not waiters or r.reader is None:
+                continue
+            epoch, ranges = r.epoch, written[rank]
+            for w in waiters:
+                if not unchanged(w, epoch, ranges):
+                    self.dirty(rank)
+                    break
+
+    @staticmethod
+    def _unchanged(w: Waiter, epoch: int, ranges: list[tuple[int, int, int]]) -> bool:
+        """Whether ``w``'s predicate would say no again (:meth:`dirty_written`)."""
+        reads = w.reads
+        if reads is None or w.epoch != epoch or w.event.triggered:
+            return False
+        for rid, lo, hi in reads:
+            for wrid, wlo, whi in ranges:
+                if rid == wrid and lo < whi and wlo < hi:
+                    return False
+        return True
 
     def _poll_tick(self, poll_s: float) -> float:
         """The period at which the real driver re-checks a ``WaitUntil`` (0.0: uncalibrated, notice at once):

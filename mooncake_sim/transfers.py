@@ -205,8 +205,7 @@ class TransferModel:
         # the submitter's waits look at whole batches: wake it when the batch has settled or something failed
         if b is not None and (b.pending <= 0 or failed):
             sim.dirty(b.owner)
-        for o in touched:
-            sim.dirty_written(o, written[o])
+        sim.dirty_written(touched, written)
 
     def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, Links]:
         """The topology path of a WRITE and the directed resources it occupies (static: cached)."""

@@ -597,6 +597,7 @@ class Simulation:
         if not r.alive:
             return
         r.alive = False
+        self.transfers.regions_changed()
         r.died_at = self.env.now
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
@@ -616,10 +617,12 @@ class Simulation:
     def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
         region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
         r.regions[region.rid] = SimRegion(region, eff.zero, owner=r)
+        self.transfers.regions_changed()
         return region
 
     def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
         sr = r.regions[eff.region.rid]
+        self.transfers.regions_changed()
         sr.label = eff.label
         is_dev = eff.region.kind == "device"
         sr.ipc_handle = eff.want_ipc and is_dev

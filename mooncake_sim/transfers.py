@@ -63,6 +63,11 @@ class TransferModel:
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, Links]] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
     _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    #: the kept plans again, by (rank, source rid, target address >> RID_SHIFT, target owner, transport), with the
+    #: target region's bounds: valid while no region is allocated or registered, no rank dies and the plans are
+    #: kept (:meth:`regions_changed`, :meth:`forget_plans` clear it), since the key of :meth:`_plan_key` and
+    #: the checks before it then give what they gave when the entry was made
+    _fast: dict[tuple[int, int, int, int, str], tuple[tuple[Any, ...], int, int]] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
@@ -78,6 +83,11 @@ class TransferModel:
     def forget_plans(self) -> None:
         """Drop the kept plans (the calibration in effect changed: they hold its same-host constants)."""
         self._plans.clear()
+        self._fast.clear()
+
+    def regions_changed(self) -> None:
+        """A region was allocated or registered, or a rank died: what :attr:`_fast` holds may no longer hold."""
+        self._fast.clear()
 
     def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
         if region.kind == "device":
@@ -100,23 +110,32 @@ class TransferModel:
         # the per-WRITE hot path (millions of WRITEs at 512 ranks), one loop without calls per WRITE: its kept plan
         # (_plan_key) or a new one (_plan_static), its payload, its CUDA stream; what is the same for the whole
         # batch is looked up once
-        ranks, plans, regions = sim.ranks, self._plans, r.regions
+        ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
         nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
         for i, w in enumerate(writes):
             addr, o, length = w.dst_addr, w.dst_owner, w.length
-            plan: tuple[Any, ...] | str | None = None
-            if (addr >> OWNER_SHIFT) - 1 == o and 0 <= o < nranks:  # the kept plan (_plan_key), if any
-                owner = ranks[o]
-                dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
-                src = regions.get(w.src_rid)
-                if owner.alive and dst is not None and src is not None and dst.label is not None:
-                    sr, dr = src.region, dst.region
-                    if dr.addr <= addr and addr + length <= dr.addr + dr.size:  # dr.contains(addr, length)
-                        # the key of _plan_key
-                        plan = plans.get((rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle,
-                                          dst.fabric_handle, w.transport))
-            if plan is None:
-                plan = self._plan_static(r, w)
+            fast_key = (rank, w.src_rid, addr >> RID_SHIFT, o, w.transport)
+            hit = fast.get(fast_key)
+            if hit is not None and hit[1] <= addr and addr + length <= hit[2]:
+                plan: tuple[Any, ...] | str | None = hit[0]
+            else:
+                plan = None
+                if (addr >> OWNER_SHIFT) - 1 == o and 0 <= o < nranks:  # the kept plan (_plan_key), if any
+                    owner = ranks[o]
+                    dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
+                    src = regions.get(w.src_rid)
+                    if owner.alive and dst is not None and src is not None and dst.label is not None:
+                        sr, dr = src.region, dst.region
+                        if dr.addr <= addr and addr + length <= dr.addr + dr.size:  # dr.contains(addr, length)
+                            key = (rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle,
+                                   dst.fabric_handle, w.transport)  # _plan_key's
+                            plan = plans.get(key)
+                            if plan is None:
+                                plan = self._plan_static(r, w)
+                            if not isinstance(plan, str):
+                                fast[fast_key] = (plan, dr.addr, dr.addr + dr.size)
+                if plan is None:
+                    plan = self._plan_static(r, w)
             if isinstance(plan, str):
                 self._fail_later(bid, i, plan, FAIL_LATENCY_S)
                 continue

@@ -449,7 +449,7 @@ class WaitUntil(Effect):
     blocking = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Mark(Effect):
     """A protocol milestone or observation, recorded in the trace by both drivers alike. Returns None.
 
@@ -458,6 +458,12 @@ class Mark(Effect):
 
     name: str
     data: tuple[tuple[str, Any], ...] = ()
+
+    def __init__(self, name: str, data: tuple[tuple[str, Any], ...] = ()) -> None:
+        # as WriteReq's: the generated frozen __init__ sets each field through object.__setattr__, and a 512-rank
+        # run makes millions of marks (the instance stays frozen: __setattr__ still refuses)
+        d = self.__dict__
+        d["name"], d["data"] = name, data
 
 
 def mark(name: str, /, **data: Any) -> Mark:

@@ -418,12 +418,19 @@ class Engine:
 
         Returns the engine batch id.
         """
+        tent, choices = self.env.engine == "tent", self._choices
         for r in reqs:
             seg = r.seg
             buf = seg.find(r.dst_addr, r.length) if seg is not None else None
             if seg is not None and buf is None and seg.owner == r.dst_rank:
                 seg = r.seg = yield from self.refresh_segment(seg)
                 buf = seg.find(r.dst_addr, r.length)
+            if tent and buf is not None:
+                # what _choose_for does when TENT chose for this buffer before (a collective's every chunk)
+                hit = choices.get((id(buf), r.src.kind))
+                if hit is not None and hit[0] is buf and hit[1] is seg:
+                    r.transport, r.buf = hit[2], buf
+                    continue
             self._choose_for(r, buf)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch
@@ -489,13 +496,20 @@ class Engine:
         if not reqs:
             return
         usable = []
+        me, local_nics, endpoints = self.env.rank, self._local_nics, self.endpoints
         for r in reqs:
-            key = self._endpoint_key(r)
+            # _endpoint_key, inlined for a source region whose NIC is known (every request but the first)
+            if r.transport != "rdma":
+                key = None
+            elif r.seg is not None and (local := local_nics.get(r.src.rid)) is not None:
+                key = None if r.seg.owner == me else (local, r.seg.owner, r.buf.nic if r.buf else "")
+            else:
+                key = self._endpoint_key(r)
             if key is not None:
-                state = self.endpoints.get(key)
+                state = endpoints.get(key)
                 if state is None:
                     assert r.seg is not None
-                    self.endpoints[key] = "connecting"
+                    endpoints[key] = "connecting"
                     yield fx.Spawn("rdma-handshake", self._handshake(key, r.seg.name), daemon=True)
                     state = "connecting"
                 if state in ("connecting", "failed"):
@@ -512,19 +526,20 @@ class Engine:
             return
         writes = []
         kinds = self._kinds
+        write_req = fx.WriteReq
         for r in reqs:
-            assert r.seg is not None and r.transport is not None
-            buf = r.buf
-            shape = (r.dst_rank, r.transport, r.src.kind, buf.label if buf else None)
+            seg, transport, src, buf = r.seg, r.transport, r.src, r.buf
+            assert seg is not None and transport is not None
+            shape = (r.dst_rank, transport, src.kind, buf.label if buf else None)
             if shape not in kinds:
-                kind = kinds[shape] = tp.capability("gpu" if r.src.kind == "device" else "dram",
+                kind = kinds[shape] = tp.capability("gpu" if src.kind == "device" else "dram",
                                                     tp.memory_type_of_label(buf.label) if buf else "dram")
-                seen = (r.dst_rank, r.transport, kind)
+                seen = (r.dst_rank, transport, kind)
                 if seen not in self.announced:
                     self.announced.add(seen)
-                    yield mark("transport", peer=r.dst_rank, transport=r.transport, kind=kind)
-            writes.append(fx.WriteReq(r.transport, r.src.rid, r.src_offset, r.length, r.seg.owner,
-                                      r.seg.name, r.dst_addr, r.dst_rank))
+                    yield mark("transport", peer=r.dst_rank, transport=transport, kind=kind)
+            writes.append(write_req(transport, src.rid, r.src_offset, r.length, seg.owner, seg.name, r.dst_addr,
+                                    r.dst_rank))
         dbid = yield fx.SubmitTransfer(tuple(writes))
         for i, r in enumerate(reqs):
             r.driver = (dbid, i)

@@ -206,9 +206,9 @@ class Worker:
                 return True
             b = s.backend
             assert b is not None
-            flags = b""
-            if s.state is SlotState.SIGNALED_1:
-                flags = reader.read(s.flags_rid, 0, 4 * b.env.size)
+            # SIGNALED_1 also needs the peers' sync flags: read one flag at a time, only those looked at (a
+            # driver can then tell that a flag landing beyond the first missing one changes no answer)
+            flags_rid = s.flags_rid if s.state is SlotState.SIGNALED_1 else None
             ready = True
             start = s.ready_prefix[2] if s.ready_prefix[:2] == (s.batch, s.state) else 0
             active, ids, reqs = b.active, s.ids, batch.reqs
@@ -237,7 +237,7 @@ class Worker:
                     if st.startswith("failed"):
                         return True
                     ready = False
-                elif flags and flags[4 * j:4 * j + 4] != _FLAG_SET:
+                elif flags_rid is not None and reader.read(flags_rid, 4 * j, 4) != _FLAG_SET:
                     ready = False
                 if not ready:
                     s.ready_prefix = (s.batch, s.state, j)
@@ -332,19 +332,22 @@ class Worker:
         self._prepare_ids(s, b)
         reqs: list[Request] = []
         send = b.regions[f"send{task.parity}"]
+        # per peer: one WRITE of the task's slice; which peers, and where from and to, depend on the op only
+        only_root = task.op in (Op.GATHER, Op.REDUCE)
+        per_peer_src = task.op in (Op.ALLTOALL, Op.REDUCE_SCATTER, Op.SCATTER)
+        dst_off = 0 if task.op in (Op.BROADCAST, Op.SCATTER) else me * task.size
+        size, parity, root = task.size, task.parity, task.root
+        active, infos, segments, ids = b.active, b.segment_infos, b.segments, s.ids
         for j in range(b.env.size):
-            if not b.active[j]:
+            if not active[j]:
                 continue
-            if task.op in (Op.GATHER, Op.REDUCE) and j != task.root:
+            if only_root and j != root:
                 continue
-            info = b.segment_infos[j]
+            info = infos[j]
             if info is None:
                 continue
-            src_off = j * task.size if task.op in (Op.ALLTOALL, Op.REDUCE_SCATTER, Op.SCATTER) else 0
-            dst_off = 0 if task.op in (Op.BROADCAST, Op.SCATTER) else me * task.size
-            dst = info.recv[task.parity] + dst_off
-            s.ids[j] = len(reqs)
-            reqs.append(Request(b.segments[j], j, dst, send, src_off, task.size))
+            ids[j] = len(reqs)
+            reqs.append(Request(segments[j], j, info.recv[parity] + dst_off, send, j * size if per_peer_src else 0, size))
         now = yield fx.Now()
         s.t_start = s.last_probe = now
         s.batch = yield from self.proc.engine.submit(reqs)
@@ -399,14 +402,15 @@ class Worker:
         reqs: list[Request] = []
         flag_src = b.regions[f"send_sync{s.task.parity}"]
         yield fx.WriteMem(flag_src.rid, 0, (1).to_bytes(4, "little"))
+        parity, active, infos, segments, ids = s.task.parity, b.active, b.segment_infos, b.segments, s.ids
         for j in range(b.env.size):
-            if not b.active[j]:
+            if not active[j]:
                 continue
-            info = b.segment_infos[j]
+            info = infos[j]
             if info is None:
                 continue
-            s.ids[j] = len(reqs)
-            reqs.append(Request(b.segments[j], j, info.recv_sync[s.task.parity] + me * 4, flag_src, 0, 4))
+            ids[j] = len(reqs)
+            reqs.append(Request(segments[j], j, info.recv_sync[parity] + me * 4, flag_src, 0, 4))
         now = yield fx.Now()
         s.t_start = s.last_probe = now
         s.batch = yield from self.proc.engine.submit(reqs)
@@ -423,12 +427,19 @@ class Worker:
         if during == "syncing":
             flags = yield fx.ReadMem(b.regions[f"recv_sync{s.task.parity}"].rid, 0, 4 * b.env.size)
         all_done = True
+        nst = len(statuses)
         for j in range(b.env.size):
             if not b.active[j]:
                 continue
-            st = yield from self._status_for(s, statuses, j)
-            if st is None:
+            idx = s.ids[j]  # _status_for, inlined where it marks nothing
+            if idx == INVALID_TASK_ID:
                 continue
+            if 0 <= idx < nst:
+                st = statuses[idx]
+            else:
+                st = yield from self._status_for(s, statuses, j)
+                if st is None:
+                    continue
             ok = st == "completed"
             if during == "syncing":
                 ok = ok and flags[4 * j:4 * j + 4] == b"\x01\0\0\0"

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,20 +163,41 @@ class Waiter:
     event: simpy.Event
     t0: float = 0.0
     tick: float = 0.0  # calibrated: the real driver re-checks the predicate every ``tick`` from ``t0``
+    #: what the predicate's last evaluation (which said no) read of the rank's memory, as (rid, start, end)
+    #: ranges, and the rank's epoch then; None: not known (never evaluated, or it read what the driver does
+    #: not follow), so any change re-evaluates it (:meth:`Simulation.dirty_written`)
+    reads: list[tuple[int, int, int]] | None = None
+    epoch: int = -1
 
 
 class Reader:
-    """The :class:`mooncake_protocol.effects.MemoryReader` of one rank."""
+    """The :class:`mooncake_protocol.effects.MemoryReader` of one rank.
+
+    While ``log`` is a list, it records what a predicate reads (:meth:`Simulation._evaluate`): memory ranges,
+    and whether it read anything else than this rank's memory and the statuses of this rank's batches
+    (``foreign``)."""
 
     def __init__(self, sim: Simulation, rank: SimRank):
         self.sim = sim
         self.rank = rank
+        self.log: list[tuple[int, int, int]] | None = None
+        self.foreign = False
 
     def read(self, rid: int, offset: int, length: int) -> bytes:
+        log = self.log
+        if log is not None:
+            log.append((rid, offset, offset + length))
         return self.rank.regions[rid].read(offset, length)
 
     def status(self, batch: int) -> tuple[str, ...]:
-        return self.sim.transfers.status(batch)
+        transfers = self.sim.transfers
+        if self.log is not None:
+            # a batch's statuses change only in the transfer model, which then bumps its owner's epoch; a freed
+            # batch stays gone (ids are never reused); another rank's batch or one not yet made is not followed
+            b = transfers.batches.get(batch)
+            if (b.owner != self.rank.env.rank) if b is not None else batch >= transfers.next_id:
+                self.foreign = True
+        return transfers.status(batch)
 
 
 #: Two chunk intervals count as one steady period when they differ by at most this fraction.
@@ -213,9 +234,16 @@ class SimRank:
     caller: int | None = None  # handle of the rank's main activity
     died_at: float | None = None  # simulated time of a kill
     speed: float = 1.0  # calibrated rank_spread: this rank's factor on its host costs in its current phase
+    #: bumped whenever anything a WaitUntil predicate of this rank may look at can have changed, except a WRITE
+    #: landing in its memory: its activities run (its protocol state), its RPC handler runs, its memory is
+    #: written otherwise (SimRegion.write/fill), a batch of its changes status (:meth:`Simulation.dirty_written`)
+    epoch: int = 0
 
 
 RunResult = RunRecord
+
+#: The store's effects (one request each to the store server).
+_STORE_EFFECTS = (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)
 
 #: Effects whose interpretation never lets simulated time pass (no SimPy event is awaited).
 _INSTANT_EFFECTS: frozenset[type] = frozenset({
@@ -268,6 +296,7 @@ class Simulation:
         self.cpus: dict[str, simpy.Resource] = {}
         self.gils: dict[int, simpy.Resource] = {}
         self._instant = self._instant_table()
+        self._timed = self._timed_table()
         for f in scenario.faults:
             if f.kind == "hold_port":
                 self.network.hold(f.host, int(f.port), FOREIGN)
@@ -317,6 +346,20 @@ class Simulation:
         self.progress(f"... {self.env.now:.4f} s simulated, {self.effect_count:,} effects, "
                       f"{now - self._wall0:.0f} s wall; slowest rank in phase {slowest}")
 
+    @staticmethod
+    def _evaluate(r: SimRank, w: Waiter, reader: Reader) -> Any:
+        """``w``'s predicate now; a "no" keeps what it read and the rank's epoch (:meth:`dirty_written`)."""
+        reads: list[tuple[int, int, int]] = []
+        reader.log, reader.foreign = reads, False
+        try:
+            ok = w.effect.predicate(reader)
+        finally:
+            reader.log = None
+        if not ok:
+            w.reads = None if reader.foreign else reads
+            w.epoch = r.epoch
+        return ok
+
     def dirty(self, rank: int) -> None:
         """Something of ``rank`` may have changed: re-check its waiters."""
         r = self.ranks[rank]
@@ -325,10 +368,20 @@ class Simulation:
             return
         still: list[Waiter] | None = None  # built only once some waiter leaves (most calls change nothing)
         for i, w in enumerate(waiters):
-            if not w.event.triggered and not w.effect.predicate(reader):
-                if still is not None:
-                    still.append(w)
-                continue
+            if not w.event.triggered:
+                # _evaluate, inlined (the hot path: a rank's every burst of effects re-checks its waiters)
+                reads: list[tuple[int, int, int]] = []
+                reader.log, reader.foreign = reads, False
+                try:
+                    ok = w.effect.predicate(reader)
+                finally:
+                    reader.log = None
+                if not ok:
+                    w.reads = None if reader.foreign else reads
+                    w.epoch = r.epoch
+                    if still is not None:
+                        still.append(w)
+                    continue
             if still is None:
                 still = waiters[:i]
             if w.event.triggered:
@@ -344,6 +397,41 @@ class Simulation:
             w.event.succeed(True)
         if still is not None:
             r.waiters = still
+
+    def dirty_written(self, ranks: Iterable[int], written: dict[int, list[tuple[int, int, int]]]) -> None:
+        """WRITEs landed in the memory of ``ranks`` (in this order), at the (rid, start, end) ranges ``written``
+        of each, and nothing else changed: :meth:`dirty` for each rank, without evaluating predicates whose
+        answer cannot have changed.
+
+        A predicate is a function of its rank's state only (protocol objects, memory, its batches' statuses).
+        When its last evaluation said no, the rank's epoch has not moved since (nothing else of the rank
+        changed) and no range written since overlaps what it read, it would say no again. Every landing is
+        followed by a call of this method with its ranges, so the ranges of this call are all that was written
+        since the last evaluation of a waiter it skips. A WRITE of a sync flag to a rank that waits for another
+        peer's flag is then not a walk over its task table and peers. Any other case is :meth:`dirty`."""
+        unchanged = self._unchanged
+        for rank in ranks:
+            r = self.ranks[rank]
+            waiters = r.waiters
+            if not waiters or r.reader is None:
+                continue
+            epoch, ranges = r.epoch, written[rank]
+            for w in waiters:
+                if not unchanged(w, epoch, ranges):
+                    self.dirty(rank)
+                    break
+
+    @staticmethod
+    def _unchanged(w: Waiter, epoch: int, ranges: list[tuple[int, int, int]]) -> bool:
+        """Whether ``w``'s predicate would say no again (:meth:`dirty_written`)."""
+        reads = w.reads
+        if reads is None or w.epoch != epoch or w.event.triggered:
+            return False
+        for rid, lo, hi in reads:
+            for wrid, wlo, whi in ranges:
+                if rid == wrid and lo < whi and wlo < hi:
+                    return False
+        return True
 
     def _poll_tick(self, poll_s: float) -> float:
         """The period at which the real driver re-checks a ``WaitUntil`` (0.0: uncalibrated, notice at once):
@@ -370,15 +458,17 @@ class Simulation:
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
         coalesce = not (self.cal.effect_cpu_s or any(self.cpu_cost.values()))
-        env, instants, rank = self.env, self._instant, r.env.rank  # the hot loop: locals, not attributes
+        env, instants, timed, rank = self.env, self._instant, self._timed, r.env.rank  # the hot loop: locals
+        progress, record = self.progress is not None, self.record_effects  # both fixed for the run
         while True:
             if not r.alive:
                 break
-            if r.paused_until > env.now:
+            if r.paused_until and r.paused_until > env.now:  # (0.0: never paused, and time is never negative)
                 if pending_dirty:
                     pending_dirty = False
                     self.dirty(rank)
                 yield env.timeout(r.paused_until - env.now)
+            r.epoch += 1  # the rank's protocol state may change (dirty_written)
             try:
                 eff = gen.throw(error) if error is not None else gen.send(result)
             except StopIteration as stop:
@@ -399,16 +489,16 @@ class Simulation:
                 if instant is not None:
                     result = instant(r, act, eff)
                 else:
-                    result = yield from self.interpret(r, act, eff)
+                    result = yield from (timed.get(type(eff)) or self.interpret)(r, act, eff)
             except ProtocolError as exc:  # an effect can fail in a way the protocol must see
                 error = exc
                 result = None
             self.effect_count += 1
-            if self.progress is not None and not self.effect_count % 20000:
+            if progress and not self.effect_count % 20000:
                 self._report_progress()
             if not coalesce:
                 yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
-            if self.record_effects and not isinstance(eff, fx.Mark):
+            if record and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
             act.current = None
             if coalesce:
@@ -511,6 +601,7 @@ class Simulation:
         if not r.alive:
             return
         r.alive = False
+        self.transfers.regions_changed()
         r.died_at = self.env.now
         self.killed.append(r.env.rank)
         self.network.release_rank(r.env.rank)
@@ -529,11 +620,13 @@ class Simulation:
 
     def _fx_allocate(self, r: SimRank, act: Act, eff: fx.Allocate) -> fx.Region:
         region = fx.Region(split_addr(eff.addr).rid, eff.name, eff.kind, eff.addr, eff.size, eff.device)
-        r.regions[region.rid] = SimRegion(region, eff.zero)
+        r.regions[region.rid] = SimRegion(region, eff.zero, owner=r)
+        self.transfers.regions_changed()
         return region
 
     def _fx_register(self, r: SimRank, act: Act, eff: fx.Register) -> fx.RegisterResult:
         sr = r.regions[eff.region.rid]
+        self.transfers.regions_changed()
         sr.label = eff.label
         is_dev = eff.region.kind == "device"
         sr.ipc_handle = eff.want_ipc and is_dev
@@ -577,36 +670,60 @@ class Simulation:
                 fx.RpcBind: self._fx_bind, fx.RpcServe: self._fx_serve, fx.SubmitTransfer: self._fx_submit,
                 fx.PollTransfer: self._fx_poll, fx.FreeBatch: self._fx_free, fx.Spawn: self._fx_spawn}
 
+    def _fx_sleep(self, r: SimRank, act: Act, eff: fx.Sleep) -> SimGen:
+        yield self.env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
+        return None
+
+    def _fx_wait_until(self, r: SimRank, act: Act, eff: fx.WaitUntil) -> SimGen:
+        env = self.env
+        assert r.reader is not None
+        ev = env.event()
+        waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
+        if self._evaluate(r, waiter, r.reader):
+            return True
+        r.waiters.append(waiter)
+        if eff.timeout_s is None:
+            yield ev
+            return True
+        timer = env.timeout(eff.timeout_s)
+        yield ev | timer
+        if not ev.triggered:
+            # timed out: drop the waiter, or every later dirty() re-evaluates its predicate in vain
+            try:
+                r.waiters.remove(waiter)
+            except ValueError:
+                pass
+        return ev.triggered
+
+    def _fx_store(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
+        one_way = self.cal.store_one_way_s
+        if one_way is None:
+            one_way = self.network.one_way(r.env.host, self.store_host)
+        result = yield from self.store.request(eff, one_way * r.speed)
+        return result
+
+    def _timed_table(self) -> dict[type, Callable[[SimRank, Act, Any], SimGen]]:
+        """The commonest effects that let time pass, by type: one generator each, straight from _run_activity
+        (:meth:`interpret` handles the rest, and these too for a subclass)."""
+        table: dict[type, Callable[[SimRank, Act, Any], SimGen]] = {
+            fx.Sleep: self._fx_sleep, fx.WaitUntil: self._fx_wait_until, fx.RpcCall: self._rpc_of_act}
+        for t in _STORE_EFFECTS:
+            table[t] = self._fx_store
+        return table
+
+    def _rpc_of_act(self, r: SimRank, act: Act, eff: fx.RpcCall) -> SimGen:
+        return self._rpc(r, eff, act.name)  # the generator itself: one frame less per resumption
+
     def interpret(self, r: SimRank, act: Act, eff: fx.Effect) -> SimGen:
         """An effect that may let simulated time pass (the instant ones are :meth:`_instant_table`'s)."""
-        env = self.env
         if isinstance(eff, fx.Sleep):
-            yield env.timeout(eff.seconds + (self.cal.poll_overshoot_s or 0.0))
-            return None
+            result = yield from self._fx_sleep(r, act, eff)
+            return result
         if isinstance(eff, fx.WaitUntil):
-            assert r.reader is not None
-            if eff.predicate(r.reader):
-                return True
-            ev = env.event()
-            waiter = Waiter(eff, ev, env.now, self._poll_tick(eff.poll_s))
-            r.waiters.append(waiter)
-            if eff.timeout_s is None:
-                yield ev
-                return True
-            timer = env.timeout(eff.timeout_s)
-            yield ev | timer
-            if not ev.triggered:
-                # timed out: drop the waiter, or every later dirty() re-evaluates its predicate in vain
-                try:
-                    r.waiters.remove(waiter)
-                except ValueError:
-                    pass
-            return ev.triggered
-        if isinstance(eff, (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)):
-            one_way = self.cal.store_one_way_s
-            if one_way is None:
-                one_way = self.network.one_way(r.env.host, self.store_host)
-            result = yield from self.store.request(eff, one_way * r.speed)
+            result = yield from self._fx_wait_until(r, act, eff)
+            return result
+        if isinstance(eff, _STORE_EFFECTS):
+            result = yield from self._fx_store(r, act, eff)
             return result
         if isinstance(eff, fx.RpcCall):
             reply = yield from self._rpc(r, eff, act.name)
@@ -662,7 +779,7 @@ class Simulation:
         slow = owner.env.fault("slow_peer")
         if slow is not None:
             service += float(slow.seconds)
-        connect = self.connect_cost(r.env.rank, thread, eff.target) * r.speed
+        connect = (self.connect_cost(r.env.rank, thread, eff.target) if self.cal.rpc_connect_s else 0.0) * r.speed
         one_way *= r.speed
         pause = max(0.0, owner.paused_until - (env.now + connect + one_way))
         total = connect + 2 * one_way + service + pause
@@ -671,8 +788,9 @@ class Simulation:
             return fx.RpcReply(False, b"", "timeout")
         t0 = env.now
         yield env.timeout(connect + one_way + service + pause)
-        if (yield from self.notice_dead(owner, t0)):
+        if self.cal.dead_peer_check_s and (yield from self.notice_dead(owner, t0)):  # (uncalibrated: False)
             return fx.RpcReply(False, b"", "refused")
+        self.ranks[server.rank].epoch += 1  # the handler changes its rank's protocol state (dirty_written)
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)
@@ -889,6 +1007,14 @@ class Simulation:
             self.env.run(until=self.stop)
         finally:
             if collecting:
+                # What the run left alive (marks, caches, models: millions of objects at 512 ranks) is all in
+                # the youngest generation now, and the first collection after enabling would walk every one of
+                # it (seconds). Move it to the oldest generation instead: freeze then unfreeze walks nothing.
+                # A full collection still looks at it, so the run's cyclic garbage is still collected. (Skipped
+                # where someone else keeps objects frozen: unfreeze would release theirs too.)
+                if not gc.get_freeze_count():
+                    gc.freeze()
+                    gc.unfreeze()
                 gc.enable()
         reason = str(self.stop.value)
         blocked = self.blocked() if reason != "completed" else []

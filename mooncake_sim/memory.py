@@ -8,6 +8,7 @@ moves only its length, and small control words (flags, counters) are still kept 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from mooncake_protocol.effects import Region
 from mooncake_protocol.memory import garbage
@@ -23,6 +24,9 @@ class SimRegion:
     ipc_handle: bool = False
     fabric_handle: bool = False
     pages: dict[int, bytearray] = field(default_factory=dict)
+    #: the owning rank (anything with an ``epoch``): :meth:`write` and :meth:`fill` bump its epoch, which tells
+    #: the driver that its waiters' predicates must be evaluated again (``Simulation.dirty_written``)
+    owner: Any = None
 
     def _page(self, index: int) -> bytearray:
         page = self.pages.get(index)
@@ -56,6 +60,13 @@ class SimRegion:
         return bytes(out)
 
     def write(self, offset: int, data: bytes) -> None:
+        if self.owner is not None:
+            self.owner.epoch += 1
+        self.land(offset, data)
+
+    def land(self, offset: int, data: bytes) -> None:
+        """:meth:`write` without bumping the owner's epoch: a WRITE landing, which the transfer model reports to
+        the driver with the range it wrote (``Simulation.dirty_written``)."""
         if offset < 0 or offset + len(data) > self.region.size:
             raise IndexError(f"write [{offset}, {offset + len(data)}) outside region {self.region.name}")
         pos = 0
@@ -66,6 +77,8 @@ class SimRegion:
             pos += n
 
     def fill(self, offset: int, length: int, value: int) -> None:
+        if self.owner is not None:
+            self.owner.epoch += 1
         pos = offset
         end = offset + length
         while pos < end:

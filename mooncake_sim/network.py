@@ -31,6 +31,7 @@ class Network:
         self.ports: dict[tuple[str, int], int] = {}
         self.servers: dict[tuple[str, int], Server] = {}
         self._lat: dict[tuple[str, str], float] = {}
+        self._resolved: dict[tuple[str, str], tuple[str | None, int]] = {}
 
     def hold(self, host: str, port: int, holder: int) -> bool:
         key = (host, port)
@@ -52,7 +53,15 @@ class Network:
         return True
 
     def resolve(self, caller_host: str, target: str) -> tuple[str | None, int]:
-        """(host, port) of an "addr:port" string; host None when the address is unknown."""
+        """(host, port) of an "addr:port" string; host None when the address is unknown (kept: the answer
+        depends on the two strings and the topology's hosts only)."""
+        key = (caller_host, target)
+        hit = self._resolved.get(key)
+        if hit is None:
+            hit = self._resolved[key] = self._resolve(caller_host, target)
+        return hit
+
+    def _resolve(self, caller_host: str, target: str) -> tuple[str | None, int]:
         addr, _, port_s = target.rpartition(":")
         try:
             port = int(port_s)

@@ -63,6 +63,11 @@ class TransferModel:
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, Links]] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
     _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
+    #: the kept plans again, by (rank, source rid, target address >> RID_SHIFT, target owner, transport), with the
+    #: target region's bounds: valid while no region is allocated or registered, no rank dies and the plans are
+    #: kept (:meth:`regions_changed`, :meth:`forget_plans` clear it), since the key of :meth:`_plan_key` and
+    #: the checks before it then give what they gave when the entry was made
+    _fast: dict[tuple[int, int, int, int, str], tuple[tuple[Any, ...], int, int]] = field(default_factory=dict)
 
     def status(self, bid: int) -> tuple[str, ...]:
         b = self.batches.get(bid)
@@ -78,6 +83,11 @@ class TransferModel:
     def forget_plans(self) -> None:
         """Drop the kept plans (the calibration in effect changed: they hold its same-host constants)."""
         self._plans.clear()
+        self._fast.clear()
+
+    def regions_changed(self) -> None:
+        """A region was allocated or registered, or a rank died: what :attr:`_fast` holds may no longer hold."""
+        self._fast.clear()
 
     def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
         if region.kind == "device":
@@ -92,20 +102,55 @@ class TransferModel:
         self.next_id += 1
         state = BatchState(["pending"] * len(writes), r.env.rank, len(writes))
         self.batches[bid] = state
-        env = self.sim.env
+        sim = self.sim
+        env = sim.env
         flows = self.link_flows
         joined = []
+        self.writes += len(writes)
+        # the per-WRITE hot path (millions of WRITEs at 512 ranks), one loop without calls per WRITE: its kept plan
+        # (_plan_key) or a new one (_plan_static), its payload, its CUDA stream; what is the same for the whole
+        # batch is looked up once
+        ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
+        nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
         for i, w in enumerate(writes):
-            self.writes += 1
-            lat, cap, failure, payload, edges, cuda = self._plan(r, w)
-            if failure is not None:
-                self._fail_later(bid, i, failure, FAIL_LATENCY_S)
+            addr, o, length = w.dst_addr, w.dst_owner, w.length
+            fast_key = (rank, w.src_rid, addr >> RID_SHIFT, o, w.transport)
+            hit = fast.get(fast_key)
+            if hit is not None and hit[1] <= addr and addr + length <= hit[2]:
+                plan: tuple[Any, ...] | str | None = hit[0]
+            else:
+                plan = None
+                if (addr >> OWNER_SHIFT) - 1 == o and 0 <= o < nranks:  # the kept plan (_plan_key), if any
+                    owner = ranks[o]
+                    dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
+                    src = regions.get(w.src_rid)
+                    if owner.alive and dst is not None and src is not None and dst.label is not None:
+                        sr, dr = src.region, dst.region
+                        if dr.addr <= addr and addr + length <= dr.addr + dr.size:  # dr.contains(addr, length)
+                            key = (rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle,
+                                   dst.fabric_handle, w.transport)  # _plan_key's
+                            plan = plans.get(key)
+                            if plan is None:
+                                plan = self._plan_static(r, w)
+                            if not isinstance(plan, str):
+                                fast[fast_key] = (plan, dr.addr, dr.addr + dr.size)
+                if plan is None:
+                    plan = self._plan_static(r, w)
+            if isinstance(plan, str):
+                self._fail_later(bid, i, plan, FAIL_LATENCY_S)
                 continue
+            lat, cap, edges, cuda = plan
+            # sizes mode moves only lengths; small control words (flags) are always carried exactly
+            payload = regions[w.src_rid].read(w.src_offset, length) if (carry_all or length <= SMALL_PAYLOAD) else b""
             if cuda is not None:
-                # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
-                # links then, at the rate they have then (queued copies do not share bandwidth yet)
-                self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
-            elif self.sim.cal.transfer_threads:
+                if cuda == "mnnvl":
+                    cuda = "legacy" if length < MNNVL_SYNC_LIMIT else None
+                if cuda is not None:
+                    # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
+                    # links then, at the rate they have then (queued copies do not share bandwidth yet)
+                    self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
+                    continue
+            if sim.cal.transfer_threads:
                 self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
             else:
                 for e in edges:
@@ -132,48 +177,54 @@ class TransferModel:
                 b.statuses[i] = f"failed:{failure}"
                 b.view = None
                 b.pending -= 1
+                self.sim.ranks[b.owner].epoch += 1  # its batch's statuses changed (Simulation.dirty_written)
                 self.sim.dirty(b.owner)
 
         ev.callbacks.append(fail)
 
     def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, Links]]) -> None:
+        sim = self.sim
+        ranks = sim.ranks
         b = self.batches.get(bid)
         if b is not None:
             b.view = None
-        touched = set()
+            b.pending -= len(items)
+            ranks[b.owner].epoch += 1  # its batch's statuses change (Simulation.dirty_written)
+            statuses = b.statuses
+        touched = set()  # the owners to wake, in the order a set of ranks iterates
+        written: dict[int, list[tuple[int, int, int]]] = {}  # per owner: the (rid, start, end) ranges written
         failed = False
         flows = self.link_flows
+        moved = 0
         for i, w, payload, edges in items:
             for e in edges:
                 flows[e] -= 1
-            if b is not None:
-                b.pending -= 1
-            if not self._deliver(w, payload):
+            # deliver: into a registered region of a live owner (else the WRITE fails)
+            o, addr = w.dst_owner, w.dst_addr
+            owner = ranks[o]
+            region = owner.regions.get((addr >> RID_SHIFT) & RID_MASK) if owner.alive else None
+            if region is None:
                 if b is not None:
-                    b.statuses[i] = "failed:peer-dead"
+                    statuses[i] = "failed:peer-dead"
                     failed = True
                 continue
             if payload:  # a length-only WRITE (sizes mode) changes no byte the owner could be waiting on
-                touched.add(w.dst_owner)
-            self.bytes_moved += w.length
+                start = addr & OFFSET_MASK
+                region.land(start, payload)  # reported to the driver below (dirty_written)
+                touched.add(o)
+                rng = ((addr >> RID_SHIFT) & RID_MASK, start, start + len(payload))
+                if o in written:
+                    written[o].append(rng)
+                else:
+                    written[o] = [rng]
+            moved += w.length
             if b is not None:
-                b.statuses[i] = "completed"
+                statuses[i] = "completed"
+        self.bytes_moved += moved
         # the submitter's waits look at whole batches: wake it when the batch has settled or something failed
         if b is not None and (b.pending <= 0 or failed):
-            self.sim.dirty(b.owner)
-        for o in touched:
-            self.sim.dirty(o)
-
-    def _deliver(self, w: fx.WriteReq, payload: bytes) -> bool:
-        owner = self.sim.ranks[w.dst_owner]
-        if not owner.alive:
-            return False
-        region = owner.regions.get((w.dst_addr >> RID_SHIFT) & RID_MASK)
-        if region is None:
-            return False
-        if payload:
-            region.write(w.dst_addr & OFFSET_MASK, payload)
-        return True
+            sim.dirty(b.owner)
+        sim.dirty_written(touched, written)
 
     def _route(self, r: SimRank, src: fx.Region, owner: SimRank, dst: fx.Region, transport: str) -> tuple[topo.Path | topo.NoPath, Links]:
         """The topology path of a WRITE and the directed resources it occupies (static: cached)."""
@@ -193,41 +244,15 @@ class TransferModel:
             hit = self._routes[key] = (p, edges)
         return hit
 
-    def _plan(self, r: SimRank, w: fx.WriteReq) -> tuple[float, float, str | None, bytes, Links, str | None]:
-        """(latency, path bandwidth, failure, payload, links, stream of the CUDA call or None) of one WRITE.
+    @staticmethod
+    def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:
+        """What a WRITE's plan is kept under (:meth:`submit` looks it up with the same tuple, inlined).
 
         Whether and how a WRITE into a registered region of a live rank goes depends only on the two ranks,
         the kinds and devices of the two regions, the target's handles and the transport: a successful plan
-        is kept under exactly those (:meth:`_plan_key`); per WRITE the target range, the payload and MNNVL's
-        size rule are looked at again. Anything else (a dead or unknown owner, an unregistered target, a
-        failure) takes the full path, :meth:`_plan_static`."""
-        plan = self._cached_plan(r, w) or self._plan_static(r, w)
-        if isinstance(plan, str):
-            return 0.0, 0.0, plan, b"", (), None
-        lat, cap, edges, cuda = plan
-        # sizes mode moves only lengths; small control words (flags) are always carried exactly
-        payload = (r.regions[w.src_rid].read(w.src_offset, w.length) if (r.env.data_values or w.length <= SMALL_PAYLOAD)
-                   else b"")
-        if cuda == "mnnvl":
-            cuda = "legacy" if w.length < MNNVL_SYNC_LIMIT else None
-        return lat, cap, None, payload, edges, cuda
-
-    def _cached_plan(self, r: SimRank, w: fx.WriteReq) -> tuple[Any, ...] | None:
-        """The kept plan of a WRITE into a registered range of a live owner, or None."""
-        sim = self.sim
-        addr, owner_rank = w.dst_addr, w.dst_owner
-        if (addr >> OWNER_SHIFT) - 1 != owner_rank or not 0 <= owner_rank < len(sim.ranks):
-            return None
-        owner = sim.ranks[owner_rank]
-        dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
-        src = r.regions.get(w.src_rid)
-        if (not owner.alive or dst is None or src is None or dst.label is None
-                or not dst.region.contains(addr, w.length)):
-            return None
-        return self._plans.get(self._plan_key(r, src, owner, dst, w.transport))
-
-    @staticmethod
-    def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:
+        is kept under exactly those; per WRITE the target range, the payload and MNNVL's size rule are looked
+        at again. Anything else (a dead or unknown owner, an unregistered target, a failure) takes the full
+        path, :meth:`_plan_static`."""
         sr, dr = src.region, dst.region
         return (r.env.rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle, dst.fabric_handle,
                 transport)
@@ -307,7 +332,10 @@ class TransferModel:
                 name = self.link_names[e]
                 graph_edges = self.sim.topology.graph.edges
                 bw = link_bw[e] = graph_edges[name]["bandwidth_Bps"] if name in graph_edges else cap
-            rate = min(rate, bw / max(1, flows[e]))
+            f = flows[e]
+            share = bw / (f if f > 1 else 1)
+            if share < rate:  # min(rate, bw / max(1, flows)), without two builtin calls
+                rate = share
         return rate
 
     def _via_thread(self, r: SimRank, item: tuple[int, int, fx.WriteReq, bytes, Links, float, float]) -> None:

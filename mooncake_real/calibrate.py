@@ -40,7 +40,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
-              "rank_spread", "gpu_timeslice_s", "nvlink_same_gpu_s", "first_kernel_s")
+              "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s")
 
 BIG = 4 << 20
 

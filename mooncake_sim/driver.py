@@ -366,22 +366,13 @@ class Simulation:
         waiters, reader = r.waiters, r.reader
         if not waiters or reader is None:
             return
+        evaluate = self._evaluate
         still: list[Waiter] | None = None  # built only once some waiter leaves (most calls change nothing)
         for i, w in enumerate(waiters):
-            if not w.event.triggered:
-                # _evaluate, inlined (the hot path: a rank's every burst of effects re-checks its waiters)
-                reads: list[tuple[int, int, int]] = []
-                reader.log, reader.foreign = reads, False
-                try:
-                    ok = w.effect.predicate(reader)
-                finally:
-                    reader.log = None
-                if not ok:
-                    w.reads = None if reader.foreign else reads
-                    w.epoch = r.epoch
-                    if still is not None:
-                        still.append(w)
-                    continue
+            if not w.event.triggered and not evaluate(r, w, reader):
+                if still is not None:
+                    still.append(w)
+                continue
             if still is None:
                 still = waiters[:i]
             if w.event.triggered:

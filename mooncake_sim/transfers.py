@@ -107,9 +107,9 @@ class TransferModel:
         flows = self.link_flows
         joined = []
         self.writes += len(writes)
-        # the per-WRITE hot path (millions of WRITEs at 512 ranks), one loop without calls per WRITE: its kept plan
-        # (_plan_key) or a new one (_plan_static), its payload, its CUDA stream; what is the same for the whole
-        # batch is looked up once
+        # the per-WRITE hot path (millions of WRITEs at 512 ranks), one loop without calls per WRITE once the pair
+        # is known: its kept plan (_fast, else _plan_key's, else a new one from _plan_static), its payload, its
+        # CUDA stream; what is the same for the whole batch is looked up once
         ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
         nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
         for i, w in enumerate(writes):
@@ -125,11 +125,9 @@ class TransferModel:
                     dst = owner.regions.get((addr >> RID_SHIFT) & RID_MASK)
                     src = regions.get(w.src_rid)
                     if owner.alive and dst is not None and src is not None and dst.label is not None:
-                        sr, dr = src.region, dst.region
-                        if dr.addr <= addr and addr + length <= dr.addr + dr.size:  # dr.contains(addr, length)
-                            key = (rank, sr.kind, sr.device, owner.env.rank, dr.kind, dr.device, dst.ipc_handle,
-                                   dst.fabric_handle, w.transport)  # _plan_key's
-                            plan = plans.get(key)
+                        dr = dst.region
+                        if dr.contains(addr, length):
+                            plan = plans.get(self._plan_key(r, src, owner, dst, w.transport))
                             if plan is None:
                                 plan = self._plan_static(r, w)
                             if not isinstance(plan, str):
@@ -246,7 +244,7 @@ class TransferModel:
 
     @staticmethod
     def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:
-        """What a WRITE's plan is kept under (:meth:`submit` looks it up with the same tuple, inlined).
+        """What a WRITE's plan is kept under.
 
         Whether and how a WRITE into a registered region of a live rank goes depends only on the two ranks,
         the kinds and devices of the two regions, the target's handles and the transport: a successful plan

@@ -418,19 +418,12 @@ class Engine:
 
         Returns the engine batch id.
         """
-        tent, choices = self.env.engine == "tent", self._choices
         for r in reqs:
             seg = r.seg
             buf = seg.find(r.dst_addr, r.length) if seg is not None else None
             if seg is not None and buf is None and seg.owner == r.dst_rank:
                 seg = r.seg = yield from self.refresh_segment(seg)
                 buf = seg.find(r.dst_addr, r.length)
-            if tent and buf is not None:
-                # what _choose_for does when TENT chose for this buffer before (a collective's every chunk)
-                hit = choices.get((id(buf), r.src.kind))
-                if hit is not None and hit[0] is buf and hit[1] is seg:
-                    r.transport, r.buf = hit[2], buf
-                    continue
             self._choose_for(r, buf)
         yield from self._dispatch([r for r in reqs if r.transport is not None])
         bid = self.next_batch
@@ -496,15 +489,9 @@ class Engine:
         if not reqs:
             return
         usable = []
-        me, local_nics, endpoints = self.env.rank, self._local_nics, self.endpoints
+        endpoints = self.endpoints
         for r in reqs:
-            # _endpoint_key, inlined for a source region whose NIC is known (every request but the first)
-            if r.transport != "rdma":
-                key = None
-            elif r.seg is not None and (local := local_nics.get(r.src.rid)) is not None:
-                key = None if r.seg.owner == me else (local, r.seg.owner, r.buf.nic if r.buf else "")
-            else:
-                key = self._endpoint_key(r)
+            key = self._endpoint_key(r)
             if key is not None:
                 state = endpoints.get(key)
                 if state is None:

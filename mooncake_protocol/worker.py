@@ -355,20 +355,14 @@ class Worker:
         yield mark("task_phase", slot=s.index, op=task.op.name, phase="data", seq=task.seq, writes=len(reqs))
         self._set(s, SlotEvent.TASK_WITH_DATA)
 
-    def _status_for(self, s: Slot, statuses: tuple[str, ...], j: int) -> Activity:
-        """The status the worker reads for peer j: None = skip (sentinel), else a status string.
+    def _stale_status(self, s: Slot, j: int) -> Activity:
+        """The status the worker reads for peer j whose task id lies outside this batch (a stale id, legacy).
 
-        With stale ids (legacy) an index outside this batch makes getTransferStatus return an error without
-        filling the status; the loop then reads its uninitialised local: modelled as a phantom "pending".
-        """
-        idx = s.ids[j]
-        if idx == INVALID_TASK_ID:
-            return None
-        if 0 <= idx < len(statuses):
-            return statuses[idx]
+        getTransferStatus then returns an error without filling the status; the loop reads its uninitialised
+        local: modelled as a phantom "pending" (marked once per slot)."""
         if not s.stale_reported:
             s.stale_reported = True
-            yield mark("stale_task_poll", slot=s.index, peer=j, task_id=idx, outcome="phantom pending")
+            yield mark("stale_task_poll", slot=s.index, peer=j, task_id=s.ids[j], outcome="phantom pending")
         return "pending"
 
     def _poll_data(self, s: Slot) -> Activity:
@@ -431,15 +425,10 @@ class Worker:
         for j in range(b.env.size):
             if not b.active[j]:
                 continue
-            idx = s.ids[j]  # _status_for, inlined where it marks nothing
+            idx = s.ids[j]  # the status read for peer j: none for the sentinel id
             if idx == INVALID_TASK_ID:
                 continue
-            if 0 <= idx < nst:
-                st = statuses[idx]
-            else:
-                st = yield from self._status_for(s, statuses, j)
-                if st is None:
-                    continue
+            st = statuses[idx] if 0 <= idx < nst else (yield from self._stale_status(s, j))
             ok = st == "completed"
             if during == "syncing":
                 ok = ok and flags[4 * j:4 * j + 4] == b"\x01\0\0\0"

@@ -39,6 +39,7 @@ import importlib
 import itertools
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -93,6 +94,7 @@ class RankSpec:
     blocked_to: list[int] = field(default_factory=list)  # fault block_direction: WRITEs to these ranks fail
     release: str = "launcher"  # "launcher" | "count" | "none"
     start_barrier: bool = True  # wait until every rank is up before the caller starts (the simulator's t=0)
+    job_dir_owned: bool = False  # job_dir is the launcher's temporary directory: a rank orphaned by the launcher removes it
     exit_grace_s: float = 5.0
     store_timeout_s: float = 30.0
     rpc_timeout_s: float = 5.0
@@ -576,16 +578,28 @@ class RankDriver:
             info = signal.sigtimedwait(_DUMP_SIGNALS, 0.1)
             # (after SIGSTOP/SIGCONT, sigtimedwait can return a struct with garbage: act on known signals only)
             if info is not None and info.si_signo in (signal.SIGUSR1, signal.SIGTERM):
+                # the launcher never sends SIGTERM: one "from" it is the parent-death signal (getppid() can still
+                # name it while its last threads die), and nobody is left to read a dump
+                if info.si_signo == signal.SIGTERM and (info.si_pid == parent or os.getppid() != parent):
+                    self.orphaned_exit(143)
                 if info.si_signo == signal.SIGUSR1:
                     self.dump("request")
                 else:
                     self.dump(f"terminated (signal {info.si_signo}, from pid {info.si_pid})")
                     self.emergency_exit(143)
             if os.getppid() != parent:
-                self.emergency_exit(129)
+                self.orphaned_exit(129)
 
     def emergency_exit(self, code: int) -> None:
         self.cleanup()
+        os._exit(code)
+
+    def orphaned_exit(self, code: int) -> None:
+        """The launcher is gone (killed): clean up, and remove its temporary job directory, which no one will read
+        or remove now (every orphaned rank tries; the first one wins)."""
+        self.cleanup()
+        if self.spec.job_dir_owned:
+            shutil.rmtree(self.spec.job_dir, ignore_errors=True)
         os._exit(code)
 
     # ------------------------------------------------------------------ end of the run

@@ -3,11 +3,12 @@
 Rules of this module:
 
 * :func:`launch` returns only when every process it started is gone and every shared-memory segment of
-  the job (``/dev/shm/mc<job>_*``) is unlinked: after a normal run, a killed rank, a failed start, a
-  deadline, an exception, or SIGINT/SIGTERM to the launcher (handlers turn them into KeyboardInterrupt
-  while :func:`launch` runs on the main thread). Each rank runs in its own session and process group,
-  and the whole group is SIGKILLed at the end; ranks also get SIGTERM if the launcher dies
-  (PR_SET_PDEATHSIG, see driver.py).
+  the job (``/dev/shm/mc<job>_*``) is unlinked, and its temporary job directory removed (unless
+  ``keep_job_dir``): after a normal run, a killed rank, a failed start, a deadline, an exception, or
+  SIGINT/SIGTERM to the launcher (handlers turn them into KeyboardInterrupt while :func:`launch` runs on
+  the main thread). Each rank runs in its own session and process group, and the whole group is SIGKILLed
+  at the end; ranks also get SIGTERM if the launcher dies (PR_SET_PDEATHSIG, see driver.py), and then
+  remove the temporary job directory themselves.
 * Faults: ``hold_ports`` (plain listening sockets opened before any rank starts, so a rank's bind gets a
   real EADDRINUSE), ``kill_at`` (the rank SIGKILLs itself when it records ``phase`` mark = that phase),
   ``pause_at`` (the rank SIGSTOPs itself at that phase mark; the launcher, tailing its trace, SIGCONTs it
@@ -271,6 +272,7 @@ def launch(
     exit_codes: dict[int, int | None] = {}
     store_stats: dict[str, int] = {}
     progress = _Progress()
+    finished = False  # False while an interrupt (Ctrl-C, SIGTERM) can still leave the run half-done
 
     def event(kind: str, **data: Any) -> None:
         events.append({"t": round(time.monotonic() - t0, 6), "event": kind, **data})
@@ -302,6 +304,7 @@ def launch(
                     kill_at_phase=faults.kill_at.get(r), kill_after_s=float(faults.kill_after.get(r, 0.0)),
                     pause_at_phase=pause[0] if pause else None,
                     pause_s=pause[1] if pause else 0.0, release="launcher", pythonpath=list(pythonpath),
+                    job_dir_owned=own_dir and not keep_job_dir,
                     args=dict(args or {}), **dict((rank_options or {}).get(r, {})),
                 )
                 spec_path = rank_file(jdir, r, "spec")
@@ -315,6 +318,7 @@ def launch(
             event("started", pids={r: p.pid for r, p in procs.items()})
             timed_out = _monitor(procs, jdir, faults, t0, deadline_s, dump_grace_s, store, token, event, stall_s,
                                  progress)
+        finished = True
     finally:
         for r, p in procs.items():
             if p.poll() is None:
@@ -334,6 +338,8 @@ def launch(
             store_stats = dict(store.stats)
             store.stop()
         sweep_shm(job_id)
+        if not finished and own_dir and not keep_job_dir:  # interrupted: no result will read the directory
+            shutil.rmtree(jdir, ignore_errors=True)
 
     result = _collect(job_id, jdir, world_size, exit_codes, timed_out, killed, events, store_stats, time.monotonic() - t0)
     result.end_reason = progress.end_reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +47,11 @@ def processes_matching(text: str) -> list[int]:
 
 def shm_segments(job_id: str) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"mc{job_id}_"))
+
+
+def job_dirs(job_id: str) -> list[str]:
+    """The launcher's temporary job directories of ``job_id`` still on disk."""
+    return sorted(str(p) for p in Path(tempfile.gettempdir()).glob(f"mooncake-real-{job_id}-*"))
 
 
 def wait_for(cond, timeout: float, step: float = 0.02) -> bool:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("zmq")
 
-from real_helpers import HERE, REPO, processes_matching, shm_segments, wait_for  # noqa: E402
+from real_helpers import HERE, REPO, job_dirs, processes_matching, shm_segments, wait_for  # noqa: E402
 
 from mooncake_real.launcher import Faults, MachineFacts, Unrealisable, check_realisable, launch  # noqa: E402
 
@@ -21,6 +21,7 @@ from mooncake_real.launcher import Faults, MachineFacts, Unrealisable, check_rea
 def _clean(job_id: str) -> None:
     assert processes_matching(f"mooncake-real-{job_id}") == []
     assert shm_segments(job_id) == []
+    assert job_dirs(job_id) == []
 
 
 @pytest.mark.timeout(60)
@@ -103,7 +104,8 @@ def test_ranks_clean_up_when_the_launcher_is_killed():
         assert wait_for(lambda: len(shm_segments(job)) == 2, 20), "ranks did not start"
         p.kill()
         p.wait(10)
-        assert wait_for(lambda: not processes_matching(f"mooncake-real-{job}") and not shm_segments(job), 10)
+        assert wait_for(lambda: not processes_matching(f"mooncake-real-{job}") and not shm_segments(job)
+                        and not job_dirs(job), 10)
     finally:
         if p.poll() is None:
             p.kill()

@@ -39,7 +39,8 @@ from .rpc import DEAD_PEER_CHECK_S
 SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_way_s", "effect_cpu_s",
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
-              "poll_cap_s", "transfer_threads", "rpc_connect_s", "thread_start_s", "dead_peer_check_s",
+              "poll_cap_s", "transfer_threads", "rpc_connect_s", "store_connect_s", "thread_start_s",
+              "dead_peer_check_s",
               "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s")
 
 BIG = 4 << 20
@@ -59,6 +60,13 @@ def measure_store(n: int = 300) -> dict[str, float]:
 
     server = StoreServer("calibrate", host="127.0.0.1").start()
     try:
+        firsts = []  # a fresh client's first request: connect, then the request
+        for _ in range(10):
+            t0 = time.perf_counter()
+            fresh = StoreClient(server.address, "calibrate", timeout_s=5.0)
+            fresh.set("k", b"x" * 112)
+            firsts.append(time.perf_counter() - t0)
+            fresh.close()
         c = StoreClient(server.address, "calibrate", timeout_s=5.0)
         c.set("k", b"x" * 64)
         for _ in range(20):
@@ -69,7 +77,8 @@ def measure_store(n: int = 300) -> dict[str, float]:
         c.close()
     finally:
         server.stop()
-    return {"store_ping_rtt_s": ping, "store_set_rtt_s": setr, "store_get_rtt_s": getr}
+    return {"store_ping_rtt_s": ping, "store_set_rtt_s": setr, "store_get_rtt_s": getr,
+            "store_first_op_s": statistics.median(firsts)}
 
 
 def _bind_free(server: Any, first: int) -> int:
@@ -250,6 +259,19 @@ def first_loads_of(stepped: list[tuple[tuple[int, str], dict[str, Any], float]])
     return {rank: rec for rank, rec in firsts.items() if rec["effect"] == "LoadKernel"}
 
 
+def first_store_requests(stepped: list[tuple[tuple[int, str], dict[str, Any], float]], ranks: int) -> set[int]:
+    """The ``id`` of each thread's (rank's activity's) first store request among :func:`effect_steps`', which
+    also opened its store connection; not the callers' when there are two or more ranks (the start barrier
+    opened theirs before the run)."""
+    seen: set[tuple[int, str]] = {(r, "caller") for r in range(ranks)} if ranks > 1 else set()
+    out: set[int] = set()
+    for key, rec, _step in sorted(stepped, key=lambda ks: float(ks[1]["t0"])):
+        if rec.get("effect") in _STORE_OPS and key not in seen:
+            seen.add(key)
+            out.add(id(rec))
+    return out
+
+
 def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
     """Per-effect time of the real driver, from the probe's trace (``ranks`` processes at once)."""
     from .launcher import launch
@@ -316,7 +338,8 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     times what the same operation takes alone (docs/parity.md). This runs ``scenario`` for real ``runs`` times
     and takes means from its trace (each effect's step: its span plus the gap to the same activity's next
     effect) and from the ranks' result files (each WRITE's time on the transfer thread). A rank's first
-    ``LoadKernel`` also sets CuPy up, so it is kept apart (``in_situ_LoadKernel_first_s``).
+    ``LoadKernel`` also sets CuPy up, so it is kept apart (``in_situ_LoadKernel_first_s``), and so is a
+    thread's first store request, which opens its connection (``in_situ_store_first_s``).
     """
     from mooncake_protocol.scenario import load_scenario
 
@@ -325,6 +348,7 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     sc = load_scenario(scenario)
     steps: dict[str, list[float]] = defaultdict(list)
     rpc_first: list[float] = []
+    store_first: list[float] = []  # each thread's first store request step, the caller's excepted (start barrier)
     first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
     writes: dict[str, list[float]] = defaultdict(list)
     oversleep: list[float] = []
@@ -339,10 +363,14 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
         stepped = effect_steps(res.trace)
         firsts = first_loads_of(stepped)
+        store_firsts = first_store_requests(stepped, sc.ranks)
         for key, rec, step in stepped:
             eff = str(rec["effect"])
             if firsts.get(key[0]) is rec:
                 first_loads.append(step)
+                continue
+            if id(rec) in store_firsts:  # this thread's first store request opens its connection
+                store_first.append(step)
                 continue
             steps[eff].append(step)
             if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
@@ -365,6 +393,8 @@ def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str
     store = [v for e in _STORE_OPS for v in steps.get(e, [])]
     if store:
         out["in_situ_store_op_s"] = statistics.fmean(store)
+    if store_first:
+        out["in_situ_store_first_s"] = statistics.fmean(store_first)
     for eff in ("Allocate", "Register", "LoadKernel", "Launch"):
         if steps.get(eff):
             out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
@@ -530,6 +560,9 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "transfer_threads": 1.0,  # transports.py: one transfer thread per rank
         # a thread's first call to a server: probe and connect on top of the round trip
         "rpc_connect_s": max(m["rpc_first_call_s"] - rpc_rtt, 0.0) if "rpc_first_call_s" in m else None,
+        # a thread's first store request: connect on top of the round trip
+        "store_connect_s": max(m["store_first_op_s"] - m.get("store_set_rtt_s", ping), 0.0)
+        if "store_first_op_s" in m else None,
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
         "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
         "rank_spread": None,  # likewise
@@ -569,6 +602,8 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
     if "in_situ_store_op_s" in m:
         service = alone["store_service_s"] or 0.0
         out["store_one_way_s"] = max(m["in_situ_store_op_s"] - effect - service, 0.0) / 2
+        if "in_situ_store_first_s" in m:
+            out["store_connect_s"] = max(m["in_situ_store_first_s"] - m["in_situ_store_op_s"], 0.0)
     # not Launch: its step in a job (1-4 ms on the H100 host) is mostly the caller waiting for the GIL after
     # the call returned; charged before the caller's next launch it lets a worker's copies slip in ahead of a
     # lazily loaded reduce kernel, which no real run did (docs/parity.md), so kernel_launch_s stays as measured alone

@@ -66,6 +66,9 @@ class Calibration:
     #                                        thread, each on a host CPU (real mode); None: all concurrent
     rpc_connect_s: float | None = None  # a thread's first RPC (or TCP WRITE) to a server also opens the
     #                                     connection: this much longer; None: connections are free
+    store_connect_s: float | None = None  # a thread's first store request also opens its store connection: this
+    #                                       much longer (the caller's is open from t=0: real mode connects it
+    #                                       for the start barrier); None: connections are free
     thread_start_s: float | None = None  # extra host CPU per Spawn and RpcServe (real mode starts a thread)
     dead_peer_check_s: float | None = None  # an RPC (or TCP WRITE) whose server dies before answering fails at
     #                                         the caller's next port probe, this often from the call (the real
@@ -690,8 +693,24 @@ class Simulation:
         one_way = self.cal.store_one_way_s
         if one_way is None:
             one_way = self.network.one_way(r.env.host, self.store_host)
+        if self.cal.store_connect_s:
+            connect = self.store_connect_cost(r.env.rank, act.name)
+            if connect:
+                yield self.env.timeout(connect * r.speed)
         result = yield from self.store.request(eff, one_way * r.speed)
         return result
+
+    def store_connect_cost(self, rank: int, thread: str) -> float:
+        """Calibrated (``store_connect_s``): a rank's thread (activity) opens its store connection at its first
+        store request; 0.0 after, or uncalibrated. The caller's connection is open from the start in a job of
+        two or more ranks (real mode opens it for the start barrier, before t=0)."""
+        key = (rank, thread, "store")
+        if not self.cal.store_connect_s or key in self.connected:
+            return 0.0
+        self.connected.add(key)
+        if thread == "caller" and len(self.ranks) > 1:
+            return 0.0
+        return self.cal.store_connect_s
 
     def _timed_table(self) -> dict[type, Callable[[SimRank, Act, Any], SimGen]]:
         """The commonest effects that let time pass, by type: one generator each, straight from _run_activity

@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from mooncake_protocol.scenario import load_scenario
 from mooncake_sim.runner import run_one
 
@@ -87,3 +89,27 @@ def test_calibrated_connections_cost_once_per_thread_and_server() -> None:
     assert sim.connect_cost(*next(iter(sim.connected))) == 0.0
     # connecting makes the run longer, never shorter
     assert sim.env.now > plain.env.now
+
+
+def test_calibrated_store_connections_cost_once_per_thread() -> None:
+    """``store_connect_s``: a thread's first store request pays the connection, later ones do not; the caller's
+    connection is open from the start (real mode opens it for the start barrier)."""
+    from mooncake_sim.driver import Calibration, simulate
+
+    sc = load_scenario("real-cpu-bootstrap-2")
+    base = Calibration(store_one_way_s=1e-4)
+
+    def store_steps(cal: Calibration) -> dict[tuple[int, str], list[float]]:
+        out: dict[tuple[int, str], list[float]] = {}
+        for e in simulate(sc, calibration=cal, record_effects=True).effects:
+            if e["effect"].startswith("Store"):
+                out.setdefault((e["rank"], e["activity"]), []).append(e["t1"] - e["t0"])
+        return out
+
+    plain, connecting = store_steps(base), store_steps(dataclasses.replace(base, store_connect_s=1e-3))
+    assert set(plain) == set(connecting) == {(0, "caller"), (1, "caller"), (0, "poller"), (1, "poller")}
+    for key, steps in plain.items():
+        extra = [b - a for a, b in zip(steps, connecting[key], strict=True)]
+        first = 1e-3 if key[1] == "poller" else 0.0
+        assert extra[0] == pytest.approx(first, abs=1e-9), key
+        assert extra[1:] == pytest.approx([0.0] * (len(extra) - 1), abs=1e-9), key

@@ -158,3 +158,19 @@ def test_calibrate_splits_the_first_load_from_the_later_ones() -> None:
                ((2, "caller"), {"effect": "LoadKernel", "t0": 0.2}, 1e-3)]
     firsts = first_loads_of(stepped)
     assert {r: rec["t0"] for r, rec in firsts.items()} == {0: 0.1, 1: 0.3}
+
+
+def test_calibrate_keeps_each_threads_first_store_request_apart() -> None:
+    """A thread's first store request opened its connection; the callers' were opened by the start barrier."""
+    from mooncake_real.calibrate import first_store_requests
+
+    stepped = [((0, "caller"), {"effect": "StoreSet", "t0": 0.1}, 1e-3),
+               ((0, "poller"), {"effect": "StoreGet", "t0": 0.3}, 1e-3),
+               ((0, "poller"), {"effect": "StoreCheck", "t0": 0.2}, 3e-3),
+               ((0, "poller"), {"effect": "Sleep", "t0": 0.1}, 5e-2),
+               ((1, "poller"), {"effect": "StoreCheck", "t0": 0.25}, 3e-3),
+               ((1, "worker"), {"effect": "ReadMem", "t0": 0.2}, 1e-4)]
+    got = first_store_requests(stepped, ranks=2)
+    assert sorted((k, rec["t0"]) for k, rec, _ in stepped if id(rec) in got) == [((0, "poller"), 0.2), ((1, "poller"), 0.25)]
+    alone = first_store_requests(stepped[:1], ranks=1)  # one rank: no start barrier, the caller connects itself
+    assert alone == {id(stepped[0][1])}

@@ -12,7 +12,10 @@ longest rank's span from its ``phase`` mark to its next one; "bootstrap" starts 
 draw other rank speeds where the calibration has a ``rank_spread``) and compares the median times per
 phase; a real run's times vary by 20-40% from run to run on a small host, and warmup has a race in steps
 of 50 ms (docs/parity.md), so one run against one run says little. The canonical column is "equal" only
-when every pair of runs was; the last column gives the real runs' range per phase.
+when every pair of runs was; the last columns give the real runs' range per phase and, for the warmup
+race, how many runs of each world had a key check that missed (a race lost: that rank retries 50 ms later).
+``--sim-seeds N`` (N > K) adds simulator-only runs with spread seeds K..N-1 to the simulated medians and
+the race count: a simulated run costs milliseconds, and the race's odds need more than a few draws.
 """
 
 from __future__ import annotations
@@ -50,12 +53,26 @@ def _median(xs: list[float | None]) -> float | None:
     return statistics.median(got) if got else None
 
 
-def row(runs: list[ParityResult]) -> dict[str, Any]:
-    """One scenario's line from its runs: the medians of each phase's times, simulated over measured."""
+def sim_only(name: str, cal: Any, seed: int) -> tuple[dict[str, Any], int]:
+    """A simulator-only run (spread seed ``seed``): its outcome JSON and its missed key checks."""
+    from mooncake_protocol.outcome import evaluate
+    from mooncake_sim.driver import simulate
+    from mooncake_sim.parity import missed_checks
+
+    sc = load_scenario(name)
+    rec = simulate(sc, record_effects=True, calibration=cal, spread_seed=seed)
+    return evaluate(rec, sc).to_json(), missed_checks(rec.effects)
+
+
+def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None = None) -> dict[str, Any]:
+    """One scenario's line from its runs (and ``extra`` simulator-only runs): the medians of each phase's
+    times, simulated over measured, and the warmup race's count of runs with a missed key check."""
     p = runs[0]
+    extra = extra or []
     phases = {}
     for ph in PHASES:
         sims = [(q.sim.get("phase_times_s") or {}).get(ph) for q in runs]
+        sims += [(o.get("phase_times_s") or {}).get(ph) for o, _ in extra]
         reals = [(q.real.get("phase_times_s") or {}).get(ph) for q in runs]
         s, r = _median(sims), _median(reals)
         empty = s is not None and r is not None and max(s, r) < EMPTY_S
@@ -65,7 +82,12 @@ def row(runs: list[ParityResult]) -> dict[str, Any]:
                       "real_range_s": (min(got), max(got)) if got else None}
     statuses = {q.status for q in runs}
     status = p.status if len(statuses) == 1 else "/".join(sorted(statuses))
-    return {"scenario": p.scenario, "status": status, "runs": len(runs),
+    paired = [q for q in runs if q.missed_checks]
+    missed = {"sim": sum(q.missed_checks["sim"] > 0 for q in paired) + sum(n > 0 for _, n in extra),
+              "sim_runs": len(paired) + len(extra),
+              "real": sum(q.missed_checks["real"] > 0 for q in paired), "real_runs": len(paired)}
+    return {"scenario": p.scenario, "status": status, "runs": len(runs), "sim_runs": len(runs) + len(extra),
+            "missed": missed,
             "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
             "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases,
             "message": "; ".join(sorted({q.message for q in runs if q.message})),
@@ -80,9 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="these scenarios only")
     ap.add_argument("--repeat", type=int, default=1, metavar="K",
                     help="run each scenario K times in both worlds and compare medians (default 1)")
+    ap.add_argument("--sim-seeds", type=int, metavar="N",
+                    help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
+                         "with the real runs (default K)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be 1 or more")
+    if args.sim_seeds is not None and args.sim_seeds < args.repeat:
+        ap.error(f"--sim-seeds must be at least --repeat ({args.repeat})")
     cal = load_calibration(args.calibration) if args.calibration else None
     rows = []
     for name in args.only or selected(args.gpu):
@@ -92,7 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(parity(name, calibration=cal, spread_seed=k))
             if runs[-1].status in ("unrealisable", "real-failed"):
                 break
-        rows.append(row(runs))
+        extra = []
+        if runs[-1].status in ("equal", "differ"):
+            extra = [sim_only(name, cal, seed) for seed in range(len(runs), args.sim_seeds or 0)]
+        rows.append(row(runs, extra))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -108,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             rr = ph["real_range_s"]
             return "-" if rr is None or ph["empty"] else f"{rr[0] * 1e3:.0f}-{rr[1] * 1e3:.0f}"
 
+        def race(r: dict[str, Any]) -> str:
+            m = r["missed"]
+            return f"sim {m['sim']}/{m['sim_runs']} real {m['real']}/{m['real_runs']}" if m["real_runs"] else "-"
+
         many = args.repeat > 1
         print(f"{'scenario':<30} {'canonical':<12} {'sim':<28} {'real':<28} " + " ".join(f"{p:<24}" for p in PHASES)
-              + (f" real range ms ({'/'.join(PHASES)})" if many else ""))
+              + (f" {'real range ms (' + '/'.join(PHASES) + ')':<40}" if many else "") + " race lost (runs)")
         for r in rows:
             print(f"{r['scenario']:<30} {r['status']:<12} {r['sim']:<28} {r['real']:<28} "
                   + " ".join(f"{cell(r['phases'][p]):<24}" for p in PHASES)
-                  + (" " + " / ".join(spread(r["phases"][p]) for p in PHASES) if many else ""))
+                  + (f" {' / '.join(spread(r['phases'][p]) for p in PHASES):<40}" if many else "") + " " + race(r))
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")

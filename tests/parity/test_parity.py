@@ -129,3 +129,28 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
         assert cal.for_ranks(n).tcp_latency_s == pytest.approx(part["tcp_latency_s"])
     assert cal.dead_peer_check_s == pytest.approx(0.1)  # the real RPC client's port probe period
     assert "in situ" in proc.stderr.replace("inside it", "in situ") and "8 ranks" in proc.stderr
+
+
+def test_report_counts_lost_races_and_adds_simulator_only_runs() -> None:
+    """parity_report's row: simulated medians over the paired and the simulator-only runs; per world, the
+    runs with a missed key check (a warmup race lost)."""
+    from pathlib import Path
+
+    from mooncake_sim.parity import ParityResult, missed_checks
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    def times(w: float) -> dict[str, object]:
+        return {"verdict": "completed", "phase_times_s": {"bootstrap": 0.02, "warmup": w, "collective": 0.0}}
+
+    runs = [ParityResult("x", "equal", times(0.06), times(0.11), missed_checks={"sim": 0, "real": 2}),
+            ParityResult("x", "equal", times(0.11), times(0.06), missed_checks={"sim": 1, "real": 0})]
+    extra = [(times(0.06), 0), (times(0.06), 0), (times(0.11), 3)]
+    r = parity_report.row(runs, extra)
+    assert r["missed"] == {"sim": 2, "sim_runs": 5, "real": 1, "real_runs": 2}
+    assert r["phases"]["warmup"]["sim_s"] == 0.06 and r["phases"]["warmup"]["real_s"] == pytest.approx(0.085)
+    assert r["sim_runs"] == 5 and r["phases"]["collective"]["empty"]
+    trace = [{"type": "effect", "effect": "StoreCheck", "result": False}, {"type": "effect", "effect": "StoreCheck", "result": True},
+             {"type": "mark", "name": "StoreCheck", "result": False}, {"type": "effect", "effect": "StoreGet", "result": None}]
+    assert missed_checks(trace) == 1

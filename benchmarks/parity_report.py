@@ -1,6 +1,6 @@
 """Parity and timing report: every bundled scenario this machine can realise, simulated and run for real.
 
-    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--repeat K] [--json]
+    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--repeat K] [--sim-seeds N] [--keep DIR] [--json]
 
 For each bundled scenario whose ``realisable`` says cpu (and, with ``--gpu``, the GPU ones), runs the
 simulator (with the calibration file, if given) and ``mooncake-real run`` (a subprocess), and prints the
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help="these scenarios only")
     ap.add_argument("--repeat", type=int, default=1, metavar="K",
                     help="run each scenario K times in both worlds and compare medians (default 1)")
+    ap.add_argument("--keep", metavar="DIR", help="keep each run's traces, outcomes and canonical forms in "
+                    "DIR/<scenario>-<k>/ (as mooncake-sim parity --keep)")
     ap.add_argument("--sim-seeds", type=int, metavar="N",
                     help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
                          "with the real runs (default K)")
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for k in range(args.repeat):
             print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
-            runs.append(parity(name, calibration=cal, spread_seed=k))
+            keep = f"{args.keep}/{name}-{k + 1}" if args.keep else None
+            runs.append(parity(name, calibration=cal, spread_seed=k, trace_dir=keep))
             if runs[-1].status in ("unrealisable", "real-failed"):
                 break
         extra = []

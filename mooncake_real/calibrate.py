@@ -330,90 +330,108 @@ def in_situ_scenario(ranks: int, where: str, name: str = IN_SITU_SCENARIO) -> st
     return str(path)
 
 
-def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str, float]:
-    """Costs measured *inside a running job*, prefixed ``in_situ_``.
+class InSitu:
+    """Costs measured *inside a running job*, prefixed ``in_situ_``: the runs of one scenario go in one by
+    one (:meth:`add`), the means come out of :meth:`figures`.
 
     A job's ranks share the host's CPUs with every other rank's threads (workers re-checking every 100 us,
     RPC servers, transfer threads, zmq I/O threads), so an effect, an RPC or a TCP WRITE there takes several
-    times what the same operation takes alone (docs/parity.md). This runs ``scenario`` for real ``runs`` times
-    and takes means from its trace (each effect's step: its span plus the gap to the same activity's next
-    effect) and from the ranks' result files (each WRITE's time on the transfer thread). A rank's first
-    ``LoadKernel`` also sets CuPy up, so it is kept apart (``in_situ_LoadKernel_first_s``), and so is a
-    thread's first store request, which opens its connection (``in_situ_store_first_s``).
+    times what the same operation takes alone (docs/parity.md). The means are taken from each run's trace
+    (each effect's step: its span plus the gap to the same activity's next effect) and from the ranks' result
+    files (each WRITE's time on the transfer thread). A rank's first ``LoadKernel`` also sets CuPy up, so it
+    is kept apart (``in_situ_LoadKernel_first_s``), and so is a thread's first store request, which opens its
+    connection (``in_situ_store_first_s``). A run that did not complete cleanly is left out.
     """
-    from mooncake_protocol.scenario import load_scenario
 
-    from .runner import run_job, run_record
+    def __init__(self, scenario: Any) -> None:
+        self.sc = scenario
+        self.steps: dict[str, list[float]] = defaultdict(list)
+        self.rpc_first: list[float] = []
+        self.store_first: list[float] = []  # each thread's first store request step, the callers' excepted
+        self.first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
+        self.writes: dict[str, list[float]] = defaultdict(list)
+        self.oversleep: list[float] = []
+        self.spans: list[list[float]] = []
+        self.done = 0
 
-    sc = load_scenario(scenario)
-    steps: dict[str, list[float]] = defaultdict(list)
-    rpc_first: list[float] = []
-    store_first: list[float] = []  # each thread's first store request step, the caller's excepted (start barrier)
-    first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
-    writes: dict[str, list[float]] = defaultdict(list)
-    oversleep: list[float] = []
-    spans: list[list[float]] = []
-    done = 0
-    for _ in range(runs):
-        res = run_job(sc)
+    def add(self, res: Any) -> None:
+        """Take one run's figures (a :class:`~mooncake_real.launcher.JobResult` of the scenario)."""
+        from .runner import run_record
+
         if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
-            continue
-        done += 1
-        spans.append(bootstrap_spans(run_record(res, sc).phase_times))
+            return
+        self.done += 1
+        self.spans.append(bootstrap_spans(run_record(res, self.sc).phase_times))
         seen: set[tuple[tuple[int, str], str]] = set()  # (rank, activity), server: a connection is open
         stepped = effect_steps(res.trace)
         firsts = first_loads_of(stepped)
-        store_firsts = first_store_requests(stepped, sc.ranks)
+        store_firsts = first_store_requests(stepped, self.sc.ranks)
         for key, rec, step in stepped:
             eff = str(rec["effect"])
             if firsts.get(key[0]) is rec:
-                first_loads.append(step)
+                self.first_loads.append(step)
                 continue
             if id(rec) in store_firsts:  # this thread's first store request opens its connection
-                store_first.append(step)
+                self.store_first.append(step)
                 continue
-            steps[eff].append(step)
+            self.steps[eff].append(step)
             if eff == "RpcCall" and (rec.get("result") or {}).get("ok"):
                 conn = (key, str((rec.get("args") or {}).get("target")))
                 if conn not in seen:
-                    rpc_first.append(step)
+                    self.rpc_first.append(step)
                     seen.add(conn)
             if eff == "Sleep":
                 asked = float((rec.get("args") or {}).get("seconds", 0.0))
-                oversleep.append(float(rec["t1"]) - float(rec["t0"]) - asked)
+                self.oversleep.append(float(rec["t1"]) - float(rec["t0"]) - asked)
         for result in res.results.values():
             for transport, ds in (result.get("write_s") or {}).items():
-                writes[transport] += [float(d) for d in ds]
-    if not done:
-        return {}
-    out: dict[str, float] = {"in_situ_runs": float(done), "in_situ_ranks": float(sc.ranks)}
-    cheap = [v for e in _CHEAP for v in steps.get(e, [])]
-    if cheap:
-        out["in_situ_effect_s"] = statistics.fmean(cheap)
-    store = [v for e in _STORE_OPS for v in steps.get(e, [])]
-    if store:
-        out["in_situ_store_op_s"] = statistics.fmean(store)
-    if store_first:
-        out["in_situ_store_first_s"] = statistics.fmean(store_first)
-    for eff in ("Allocate", "Register", "LoadKernel", "Launch"):
-        if steps.get(eff):
-            out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
-    if first_loads:  # a rank's first load also sets CuPy up: kept apart from the later ones (in_situ_LoadKernel_s)
-        out["in_situ_LoadKernel_first_s"] = statistics.fmean(first_loads)
-    starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
-    if starts:
-        out["in_situ_thread_start_s"] = statistics.fmean(starts)
-    if rpc_first:
-        out["in_situ_rpc_first_s"] = statistics.fmean(rpc_first)
-    for transport, ds in writes.items():
-        if ds:
-            out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
-    if oversleep:
-        out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(oversleep))
-    spread = pooled_rank_spread(spans)
-    if spread is not None:
-        out["in_situ_rank_spread"] = spread
-    return out
+                self.writes[transport] += [float(d) for d in ds]
+
+    def figures(self) -> dict[str, float]:
+        """The means over the runs taken so far ({} when none completed)."""
+        if not self.done:
+            return {}
+        steps = self.steps
+        out: dict[str, float] = {"in_situ_runs": float(self.done), "in_situ_ranks": float(self.sc.ranks)}
+        cheap = [v for e in _CHEAP for v in steps.get(e, [])]
+        if cheap:
+            out["in_situ_effect_s"] = statistics.fmean(cheap)
+        store = [v for e in _STORE_OPS for v in steps.get(e, [])]
+        if store:
+            out["in_situ_store_op_s"] = statistics.fmean(store)
+        if self.store_first:
+            out["in_situ_store_first_s"] = statistics.fmean(self.store_first)
+        for eff in ("Allocate", "Register", "LoadKernel", "Launch"):
+            if steps.get(eff):
+                out[f"in_situ_{eff}_s"] = statistics.fmean(steps[eff])
+        if self.first_loads:  # a rank's first load also sets CuPy up: kept apart from the later ones
+            out["in_situ_LoadKernel_first_s"] = statistics.fmean(self.first_loads)
+        starts = [v for e in _THREAD_STARTS for v in steps.get(e, [])]
+        if starts:
+            out["in_situ_thread_start_s"] = statistics.fmean(starts)
+        if self.rpc_first:
+            out["in_situ_rpc_first_s"] = statistics.fmean(self.rpc_first)
+        for transport, ds in self.writes.items():
+            if ds:
+                out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
+        if self.oversleep:
+            out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(self.oversleep))
+        spread = pooled_rank_spread(self.spans)
+        if spread is not None:
+            out["in_situ_rank_spread"] = spread
+        return out
+
+
+def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str, float]:
+    """:class:`InSitu` figures of ``scenario`` run for real ``runs`` times in a row."""
+    from mooncake_protocol.scenario import load_scenario
+
+    from .runner import run_job
+
+    acc = InSitu(load_scenario(scenario))
+    for _ in range(runs):
+        acc.add(run_job(acc.sc))
+    return acc.figures()
 
 
 def bootstrap_spans(phase_times: dict[int, dict[str, float]]) -> list[float]:
@@ -639,14 +657,34 @@ def in_situ_runs(ranks: int) -> int:
     return max(3, -(-24 // max(1, ranks)))
 
 
+def interleaved(runs: dict[int, int]) -> list[int]:
+    """The order of the in-job runs, ``runs[ranks]`` of each rank count, spread evenly over the whole
+    measurement (2 ranks x 4, 8 ranks x 2: 2 8 2 2 8 2), so that a few busy seconds of the host land on every
+    rank count a little rather than on one a lot."""
+    slots = sorted((k / n, i, ranks) for i, (ranks, n) in enumerate(runs.items()) for k in range(n))
+    return [ranks for _, _, ranks in slots]
+
+
 def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
-    """:func:`measure_in_situ` of ``scenario`` at each of :data:`IN_SITU_RANKS`, keyed ``<job><N>_...``."""
+    """:class:`InSitu` figures of ``scenario`` at each of :data:`IN_SITU_RANKS` (their runs interleaved),
+    keyed ``<job><N>_...``."""
+    from mooncake_protocol.scenario import load_scenario
+
+    from .runner import run_job
+
     out: dict[str, float] = {}
+    runs = {ranks: 1 if quick else in_situ_runs(ranks) for ranks in IN_SITU_RANKS}
+    order = interleaved(runs)
     with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
-        for ranks in IN_SITU_RANKS:
-            print(f"calibrate: {what.format(ranks)}, to measure costs inside it", file=sys.stderr, flush=True)
-            got = measure_in_situ(in_situ_scenario(ranks, where, scenario), runs=1 if quick else in_situ_runs(ranks))
-            out.update({k.replace("in_situ_", f"{job}{ranks}_", 1): v for k, v in got.items()})
+        accs = {ranks: InSitu(load_scenario(in_situ_scenario(ranks, where, scenario))) for ranks in IN_SITU_RANKS}
+        print(f"calibrate: {what.format('/'.join(map(str, IN_SITU_RANKS)))}, {len(order)} runs interleaved, to "
+              "measure costs inside it", file=sys.stderr, flush=True)
+        for k, ranks in enumerate(order):
+            accs[ranks].add(run_job(accs[ranks].sc))
+            if (k + 1) % 6 == 0 or k + 1 == len(order):
+                print(f"calibrate:   {k + 1}/{len(order)} runs", file=sys.stderr, flush=True)
+    for ranks, acc in accs.items():
+        out.update({key.replace("in_situ_", f"{job}{ranks}_", 1): v for key, v in acc.figures().items()})
     return out
 
 

@@ -174,3 +174,14 @@ def test_calibrate_keeps_each_threads_first_store_request_apart() -> None:
     assert sorted((k, rec["t0"]) for k, rec, _ in stepped if id(rec) in got) == [((0, "poller"), 0.2), ((1, "poller"), 0.25)]
     alone = first_store_requests(stepped[:1], ranks=1)  # one rank: no start barrier, the caller connects itself
     assert alone == {id(stepped[0][1])}
+
+
+def test_calibrate_interleaves_the_in_job_runs() -> None:
+    """Every rank count's runs are spread over the whole in-job measurement, none bunched at one end."""
+    from mooncake_real.calibrate import interleaved
+
+    order = interleaved({2: 12, 4: 6, 8: 3})
+    assert sorted(order) == [2] * 12 + [4] * 6 + [8] * 3
+    for ranks, n in ((2, 12), (4, 6), (8, 3)):
+        at = [i for i, r in enumerate(order) if r == ranks]
+        assert at[0] <= 2 and at[-1] >= len(order) - 1 - len(order) // n, (ranks, at)

@@ -688,6 +688,22 @@ def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, 
     return out
 
 
+#: The store round trip at the end of ``calibrate`` may differ from the one at its start by this factor
+#: before the run is called unsteady.
+UNSTEADY_FACTOR = 1.3
+
+
+def unsteady(first_s: float, last_s: float) -> str | None:
+    """A warning when the host's speed changed while ``calibrate`` ran (a freshly started machine can run
+    its first minutes at half speed), judged by the store round trip at the start and at the end."""
+    lo, hi = sorted((first_s, last_s))
+    if lo <= 0 or hi / lo <= UNSTEADY_FACTOR:
+        return None
+    return (f"the host's speed changed while calibrating (store round trip {first_s * 1e6:.0f} us at the start, "
+            f"{last_s * 1e6:.0f} us at the end): the in-job figures may not describe it; run calibrate again "
+            "once the machine has settled")
+
+
 def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) -> dict[str, Any]:
     n = 60 if quick else 300
     measured: dict[str, float] = {}
@@ -703,6 +719,11 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     if gpu and in_situ and "module_load_s" in measured:  # CuPy and a device are there
         measured.update(_in_situ_jobs(IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r",
                                       "a real CUDA job of {} ranks sharing GPU 0", quick))
+    again = measure_store(n)  # the host's speed at the end, against the first measurement
+    measured["store_ping_rtt_end_s"] = again["store_ping_rtt_s"]
+    note = unsteady(measured["store_ping_rtt_s"], again["store_ping_rtt_s"])
+    if note:
+        print(f"calibrate: warning: {note}", file=sys.stderr, flush=True)
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
     out: dict[str, Any] = {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},

@@ -185,3 +185,12 @@ def test_calibrate_interleaves_the_in_job_runs() -> None:
     for ranks, n in ((2, 12), (4, 6), (8, 3)):
         at = [i for i, r in enumerate(order) if r == ranks]
         assert at[0] <= 2 and at[-1] >= len(order) - 1 - len(order) // n, (ranks, at)
+
+
+def test_calibrate_warns_when_the_host_changed_speed() -> None:
+    from mooncake_real.calibrate import unsteady
+
+    assert unsteady(130e-6, 140e-6) is None and unsteady(0.0, 1e-4) is None
+    for first, last in ((252e-6, 130e-6), (130e-6, 252e-6)):
+        note = unsteady(first, last)
+        assert note is not None and f"{first * 1e6:.0f} us at the start" in note and "run calibrate again" in note

@@ -15,7 +15,8 @@ of 50 ms (docs/parity.md), so one run against one run says little. The canonical
 when every pair of runs was; the last columns give the real runs' range per phase and, for the warmup
 race, how many runs of each world had a key check that missed (a race lost: that rank retries 50 ms later).
 ``--sim-seeds N`` (N > K) adds simulator-only runs with spread seeds K..N-1 to the simulated medians and
-the race count: a simulated run costs milliseconds, and the race's odds need more than a few draws.
+the race count: a simulated run costs milliseconds, and the race's odds need more than a few draws. With
+``--repeat`` above 1 it defaults to 20 (or K, if larger); a single run compares one draw with one run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ PHASES = ("bootstrap", "warmup", "collective")
 #: A phase shorter than this in both worlds did no work (a bootstrap-only scenario's "collective" is the
 #: step from its mark to "done"): shown as empty, with no ratio, and left out of the target.
 EMPTY_S = 1e-3
+#: Simulated draws per scenario by default with --repeat above 1 (see --sim-seeds).
+SIM_SEEDS = 20
 
 
 def selected(gpu: bool) -> list[str]:
@@ -106,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                     "DIR/<scenario>-<k>/ (as mooncake-sim parity --keep)")
     ap.add_argument("--sim-seeds", type=int, metavar="N",
                     help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
-                         "with the real runs (default K)")
+                         f"with the real runs (default: {SIM_SEEDS} or K, whichever is larger, when K > 1; else 1)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be 1 or more")
     if args.sim_seeds is not None and args.sim_seeds < args.repeat:
         ap.error(f"--sim-seeds must be at least --repeat ({args.repeat})")
+    sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
     rows = []
     for name in args.only or selected(args.gpu):
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         extra = []
         if runs[-1].status in ("equal", "differ"):
-            extra = [sim_only(name, cal, seed) for seed in range(len(runs), args.sim_seeds or 0)]
+            extra = [sim_only(name, cal, seed) for seed in range(len(runs), sim_seeds)]
         rows.append(row(runs, extra))
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -112,6 +112,7 @@ class TransferModel:
         # CUDA stream; what is the same for the whole batch is looked up once
         ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
         nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
+        payloads: dict[tuple[int, int, int], bytes] = {}
         for i, w in enumerate(writes):
             addr, o, length = w.dst_addr, w.dst_owner, w.length
             fast_key = (rank, w.src_rid, addr >> RID_SHIFT, o, w.transport)
@@ -138,8 +139,15 @@ class TransferModel:
                 self._fail_later(bid, i, plan, FAIL_LATENCY_S)
                 continue
             lat, cap, edges, cuda = plan
-            # sizes mode moves only lengths; small control words (flags) are always carried exactly
-            payload = regions[w.src_rid].read(w.src_offset, length) if (carry_all or length <= SMALL_PAYLOAD) else b""
+            # sizes mode moves only lengths; small control words (flags) are always carried exactly. Memory does
+            # not change during a submit, so WRITEs of one source range (a sync flag to every peer) share a read
+            if carry_all or length <= SMALL_PAYLOAD:
+                src_range = (w.src_rid, w.src_offset, length)
+                payload = payloads.get(src_range)
+                if payload is None:
+                    payload = payloads[src_range] = regions[w.src_rid].read(w.src_offset, length)
+            else:
+                payload = b""
             if cuda is not None:
                 if cuda == "mnnvl":
                     cuda = "legacy" if length < MNNVL_SYNC_LIMIT else None

@@ -62,6 +62,7 @@ class TransferModel:
     bytes_moved: int = 0
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, Links]] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
+    _endpoints: dict[tuple[int, str, int | None], topo.Endpoint] = field(default_factory=dict)
     _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     #: the kept plans again, by (rank, source rid, target address >> RID_SHIFT, target owner, transport), with the
     #: target region's bounds: valid while no region is allocated or registered, no rank dies and the plans are
@@ -90,9 +91,17 @@ class TransferModel:
         self._fast.clear()
 
     def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
-        if region.kind == "device":
-            return topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)
-        return topo.Endpoint(r.env.host, "host", None, r.env.numa)
+        """Where ``region`` of ``r`` lies in the topology (one object per rank, kind and device: routing every
+        pair of ranks on first contact asks twice per pair)."""
+        key = (r.env.rank, region.kind, region.device)
+        ep = self._endpoints.get(key)
+        if ep is None:
+            if region.kind == "device":
+                ep = topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)
+            else:
+                ep = topo.Endpoint(r.env.host, "host", None, r.env.numa)
+            self._endpoints[key] = ep
+        return ep
 
     def submit(self, r: SimRank, writes: tuple[fx.WriteReq, ...]) -> int:
         """Start a batch. Its WRITEs join their links together and share them fairly (a WRITE's rate is the

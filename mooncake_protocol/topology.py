@@ -29,7 +29,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NamedTuple, NoReturn
 
 import networkx as nx
 import yaml
@@ -296,9 +296,9 @@ class Nic:
         return f"nic:{self.host}:{self.name}"
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """A memory location on a host: GPU memory of ``gpu`` or host memory on NUMA node ``numa``."""
+class Endpoint(NamedTuple):
+    """A memory location on a host: GPU memory of ``gpu`` or host memory on NUMA node ``numa``. (A named tuple:
+    routing keys its caches by endpoints, and a tuple hashes and compares without a Python-level call.)"""
 
     host: str
     memory: Literal["gpu", "host"]

@@ -122,6 +122,7 @@ class TransferModel:
         ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
         nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
         payloads: dict[tuple[int, int, int], bytes] = {}
+        threads = sim.cal.transfer_threads
         for i, w in enumerate(writes):
             addr, o, length = w.dst_addr, w.dst_owner, w.length
             fast_key = (rank, w.src_rid, addr >> RID_SHIFT, o, w.transport)
@@ -165,7 +166,7 @@ class TransferModel:
                     # links then, at the rate they have then (queued copies do not share bandwidth yet)
                     self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
                     continue
-            if sim.cal.transfer_threads:
+            if threads:
                 self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
             else:
                 for e in edges:

@@ -86,8 +86,11 @@ _PRIMITIVE = (type(None), bool, int, float, str)
 
 
 def mark_record(rank: int, activity: str, t: float, mark: fx.Mark) -> dict[str, Any]:
-    # same result as _jsonable(dict(mark.data)), without recursing into primitive values (a hot path)
-    data = {str(k): v if type(v) in _PRIMITIVE else _jsonable(v, 1) for k, v in mark.data}
+    # same result as _jsonable(dict(mark.data)), without recursing into primitive values (a hot path: a loop, not
+    # a comprehension, which is a function call of its own before Python 3.12)
+    data = {}
+    for k, v in mark.data:
+        data[str(k)] = v if type(v) in _PRIMITIVE else _jsonable(v, 1)
     return {
         "type": "mark",
         "rank": rank,

@@ -544,17 +544,17 @@ class Simulation:
             self.stop.succeed("completed")
 
     def _mark(self, r: SimRank, act: Act, m: fx.Mark) -> None:
-        rec = mark_record(r.env.rank, act.name, self.env.now, m)
-        self.marks.append(rec)
-        if m.name not in NOISE_MARKS:
-            self.last_progress = max(self.last_progress, self.env.now)
-        if m.name == "task_phase" and ("phase", "done") in m.data:
-            r.done_times.append(self.env.now)
-        elif m.name in ANOMALY_MARKS:
+        now, name = self.env.now, m.name  # millions of marks at 512 ranks: each looked up once
+        self.marks.append(mark_record(r.env.rank, act.name, now, m))
+        if name not in NOISE_MARKS and now > self.last_progress:
+            self.last_progress = now
+        if name == "task_phase" and ("phase", "done") in m.data:
+            r.done_times.append(now)
+        elif name in ANOMALY_MARKS:
             self.anomalies += 1
-        if m.name == "collective_start":
+        if name == "collective_start":
             self._phase_faults(r, f"collective:{dict(m.data).get('index')}")
-        if m.name == "phase":
+        if name == "phase":
             phase = dict(m.data).get("phase", "")
             if phase in PHASES and PHASES.index(phase) >= PHASES.index(r.phase):
                 r.phase = phase

@@ -69,6 +69,11 @@ class SimRegion:
         the driver with the range it wrote (``Simulation.dirty_written``)."""
         if offset < 0 or offset + len(data) > self.region.size:
             raise IndexError(f"write [{offset}, {offset + len(data)}) outside region {self.region.name}")
+        n = len(data)
+        idx, off = divmod(offset, PAGE)
+        if 0 < n <= PAGE - off:  # fast path: within one page (a sync flag landing)
+            self._page(idx)[off:off + n] = data
+            return
         pos = 0
         while pos < len(data):
             idx, off = divmod(offset + pos, PAGE)

@@ -62,6 +62,7 @@ class TransferModel:
     bytes_moved: int = 0
     _routes: dict[tuple[object, ...], tuple[topo.Path | topo.NoPath, Links]] = field(default_factory=dict)
     _threads: dict[int, simpy.Store] = field(default_factory=dict)
+    _endpoints: dict[tuple[int, str, int | None], topo.Endpoint] = field(default_factory=dict)
     _plans: dict[tuple[Any, ...], tuple[Any, ...]] = field(default_factory=dict)
     #: the kept plans again, by (rank, source rid, target address >> RID_SHIFT, target owner, transport), with the
     #: target region's bounds: valid while no region is allocated or registered, no rank dies and the plans are
@@ -90,9 +91,17 @@ class TransferModel:
         self._fast.clear()
 
     def endpoint(self, r: SimRank, region: fx.Region) -> topo.Endpoint:
-        if region.kind == "device":
-            return topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)
-        return topo.Endpoint(r.env.host, "host", None, r.env.numa)
+        """Where ``region`` of ``r`` lies in the topology (one object per rank, kind and device: routing every
+        pair of ranks on first contact asks twice per pair)."""
+        key = (r.env.rank, region.kind, region.device)
+        ep = self._endpoints.get(key)
+        if ep is None:
+            if region.kind == "device":
+                ep = topo.Endpoint(r.env.host, "gpu", region.device if region.device is not None else r.env.gpu)
+            else:
+                ep = topo.Endpoint(r.env.host, "host", None, r.env.numa)
+            self._endpoints[key] = ep
+        return ep
 
     def submit(self, r: SimRank, writes: tuple[fx.WriteReq, ...]) -> int:
         """Start a batch. Its WRITEs join their links together and share them fairly (a WRITE's rate is the
@@ -112,6 +121,8 @@ class TransferModel:
         # CUDA stream; what is the same for the whole batch is looked up once
         ranks, plans, fast, regions = sim.ranks, self._plans, self._fast, r.regions
         nranks, rank, carry_all = len(ranks), r.env.rank, r.env.data_values
+        payloads: dict[tuple[int, int, int], bytes] = {}
+        threads = sim.cal.transfer_threads
         for i, w in enumerate(writes):
             addr, o, length = w.dst_addr, w.dst_owner, w.length
             fast_key = (rank, w.src_rid, addr >> RID_SHIFT, o, w.transport)
@@ -138,8 +149,15 @@ class TransferModel:
                 self._fail_later(bid, i, plan, FAIL_LATENCY_S)
                 continue
             lat, cap, edges, cuda = plan
-            # sizes mode moves only lengths; small control words (flags) are always carried exactly
-            payload = regions[w.src_rid].read(w.src_offset, length) if (carry_all or length <= SMALL_PAYLOAD) else b""
+            # sizes mode moves only lengths; small control words (flags) are always carried exactly. Memory does
+            # not change during a submit, so WRITEs of one source range (a sync flag to every peer) share a read
+            if carry_all or length <= SMALL_PAYLOAD:
+                src_range = (w.src_rid, w.src_offset, length)
+                payload = payloads.get(src_range)
+                if payload is None:
+                    payload = payloads[src_range] = regions[w.src_rid].read(w.src_offset, length)
+            else:
+                payload = b""
             if cuda is not None:
                 if cuda == "mnnvl":
                     cuda = "legacy" if length < MNNVL_SYNC_LIMIT else None
@@ -148,7 +166,7 @@ class TransferModel:
                     # links then, at the rate they have then (queued copies do not share bandwidth yet)
                     self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
                     continue
-            if sim.cal.transfer_threads:
+            if threads:
                 self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
             else:
                 for e in edges:

@@ -8,6 +8,8 @@ subcommand that needs them.
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import math
 import os
 import sys
@@ -221,7 +223,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_FREEZE_AT_EXIT = False
+
+
+def freeze_at_exit() -> None:
+    """For command-line entry points: at interpreter exit, freeze the collector's generations first, so that its
+    last full collection does not walk what the runs left alive (a 256-rank run's marks, caches and models:
+    5 s of the process's exit on the development VM, 0.1 s frozen). The memory goes back to the system with
+    the process either way. Registered once, however often it is called."""
+    global _FREEZE_AT_EXIT
+    if not _FREEZE_AT_EXIT:
+        _FREEZE_AT_EXIT = True
+        atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
+    freeze_at_exit()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

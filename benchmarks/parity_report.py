@@ -29,7 +29,7 @@ from typing import Any
 
 from mooncake_protocol.resources import bundled_names
 from mooncake_protocol.scenario import load_scenario
-from mooncake_sim.parity import ParityResult, format_parity, parity
+from mooncake_sim.parity import ParityResult, format_parity, missed_checks, parity, sim_outcome
 from mooncake_sim.runner import load_calibration
 
 PHASES = ("bootstrap", "warmup", "collective")
@@ -58,13 +58,8 @@ def _median(xs: list[float | None]) -> float | None:
 
 def sim_only(name: str, cal: Any, seed: int) -> tuple[dict[str, Any], int]:
     """A simulator-only run (spread seed ``seed``): its outcome JSON and its missed key checks."""
-    from mooncake_protocol.outcome import evaluate
-    from mooncake_sim.driver import simulate
-    from mooncake_sim.parity import missed_checks
-
-    sc = load_scenario(name)
-    rec = simulate(sc, record_effects=True, calibration=cal, spread_seed=seed)
-    return evaluate(rec, sc).to_json(), missed_checks(rec.effects)
+    rec, out = sim_outcome(load_scenario(name), cal, seed)
+    return out, missed_checks(rec.effects)
 
 
 def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None = None) -> dict[str, Any]:

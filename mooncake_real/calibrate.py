@@ -294,7 +294,7 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
     return out
 
 
-#: The job :func:`measure_in_situ` runs: the default of ``mooncake-real run`` (4 CPU ranks, bootstrap,
+#: The job :class:`InSitu` measures: the default of ``mooncake-real run`` (4 CPU ranks, bootstrap,
 #: warmup, two small collectives over TCP).
 IN_SITU_SCENARIO = "real-cpu-allreduce"
 #: The rank counts :func:`calibrate` runs it at; the simulator interpolates between them by a scenario's
@@ -420,18 +420,6 @@ class InSitu:
         if spread is not None:
             out["in_situ_rank_spread"] = spread
         return out
-
-
-def measure_in_situ(scenario: str = IN_SITU_SCENARIO, runs: int = 3) -> dict[str, float]:
-    """:class:`InSitu` figures of ``scenario`` run for real ``runs`` times in a row."""
-    from mooncake_protocol.scenario import load_scenario
-
-    from .runner import run_job
-
-    acc = InSitu(load_scenario(scenario))
-    for _ in range(runs):
-        acc.add(run_job(acc.sc))
-    return acc.figures()
 
 
 def bootstrap_spans(phase_times: dict[int, dict[str, float]]) -> list[float]:
@@ -607,7 +595,7 @@ def derive_by_ranks(m: dict[str, float], job: str = "in_situ_r") -> dict[str, di
 
 
 def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str, float | None]:
-    """The constants from :func:`measure_in_situ`'s figures, which replace those of operations measured alone.
+    """The constants from :class:`InSitu`'s figures, which replace those of operations measured alone.
 
     Costs inside a job already include the waits for a CPU that the job's other threads cause, so the
     simulator charges them as they are (``host_cpus`` None: no second CPU queue on top). Every effect pays

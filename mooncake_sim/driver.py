@@ -245,6 +245,9 @@ class SimRank:
 
 RunResult = RunRecord
 
+#: The store server's name among :attr:`Simulation.connected`'s targets (an RPC target is "host:port").
+STORE_SERVER = "store"
+
 #: The store's effects (one request each to the store server).
 _STORE_EFFECTS = (fx.StoreSet, fx.StoreGet, fx.StoreCheck, fx.StoreDelete, fx.StoreAdd, fx.StoreWait)
 
@@ -693,24 +696,14 @@ class Simulation:
         one_way = self.cal.store_one_way_s
         if one_way is None:
             one_way = self.network.one_way(r.env.host, self.store_host)
-        if self.cal.store_connect_s:
-            connect = self.store_connect_cost(r.env.rank, act.name)
+        # calibrated: a thread's first store request opens its connection; the caller's is open from the start in
+        # a job of two or more ranks (real mode opens it for the start barrier, before t=0)
+        if self.cal.store_connect_s and not (act.name == "caller" and len(self.ranks) > 1):
+            connect = self.connect_cost(r.env.rank, act.name, STORE_SERVER, self.cal.store_connect_s)
             if connect:
                 yield self.env.timeout(connect * r.speed)
         result = yield from self.store.request(eff, one_way * r.speed)
         return result
-
-    def store_connect_cost(self, rank: int, thread: str) -> float:
-        """Calibrated (``store_connect_s``): a rank's thread (activity) opens its store connection at its first
-        store request; 0.0 after, or uncalibrated. The caller's connection is open from the start in a job of
-        two or more ranks (real mode opens it for the start barrier, before t=0)."""
-        key = (rank, thread, "store")
-        if not self.cal.store_connect_s or key in self.connected:
-            return 0.0
-        self.connected.add(key)
-        if thread == "caller" and len(self.ranks) > 1:
-            return 0.0
-        return self.cal.store_connect_s
 
     def _timed_table(self) -> dict[type, Callable[[SimRank, Act, Any], SimGen]]:
         """The commonest effects that let time pass, by type: one generator each, straight from _run_activity
@@ -752,16 +745,19 @@ class Simulation:
             return result
         raise TypeError(f"the simulator cannot interpret {type(eff).__name__}")
 
-    def connect_cost(self, rank: int, thread: str, target: str) -> float:
-        """Calibrated (``rpc_connect_s``): the first call of a rank's thread to a server opens its connection
-        (the real client probes the port and connects once per thread and target); 0.0 after, or uncalibrated."""
-        if not self.cal.rpc_connect_s:
+    def connect_cost(self, rank: int, thread: str, target: str, cost: float | None = None) -> float:
+        """Calibrated: the first call of a rank's thread to a server opens its connection (the real clients
+        connect once per thread and target: an RPC client probes the port first); ``cost`` (default
+        ``rpc_connect_s``; ``store_connect_s`` for :data:`STORE_SERVER`) then, 0.0 after, or uncalibrated."""
+        if cost is None:
+            cost = self.cal.rpc_connect_s
+        if not cost:
             return 0.0
         key = (rank, thread, target)
         if key in self.connected:
             return 0.0
         self.connected.add(key)
-        return self.cal.rpc_connect_s
+        return cost
 
     def _rpc(self, r: SimRank, eff: fx.RpcCall, thread: str = "") -> SimGen:
         env = self.env

@@ -119,11 +119,17 @@ def missed_checks(records: list[dict[str, Any]]) -> int:
     return sum(1 for r in records if r.get("type") == "effect" and r.get("effect") == "StoreCheck" and r.get("result") is False)
 
 
-def run_sim(scenario: Any, trace_path: str, calibration: Calibration | None = None, spread_seed: int = 0) -> dict[str, Any]:
-    """The simulator in this process; writes the trace as ``mooncake-sim run --trace`` does; the outcome JSON."""
+def sim_outcome(scenario: Any, calibration: Calibration | None = None, spread_seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The simulator in this process, effects recorded: its run record and its outcome JSON."""
     rec = simulate(scenario, record_effects=True, calibration=calibration, spread_seed=spread_seed)
-    write_trace(trace_path, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
     out: dict[str, Any] = evaluate(rec, scenario).to_json()
+    return rec, out
+
+
+def run_sim(scenario: Any, trace_path: str, calibration: Calibration | None = None, spread_seed: int = 0) -> dict[str, Any]:
+    """:func:`sim_outcome`, and the trace written as ``mooncake-sim run --trace`` does; the outcome JSON."""
+    rec, out = sim_outcome(scenario, calibration, spread_seed)
+    write_trace(trace_path, rec.effects, rec.marks, [b.to_json() for b in rec.blocked])
     return out
 
 

@@ -17,6 +17,10 @@ race, how many runs of each world had a key check that missed (a race lost: that
 ``--sim-seeds N`` (N > K) adds simulator-only runs with spread seeds K..N-1 to the simulated medians and
 the race count: a simulated run costs milliseconds, and the race's odds need more than a few draws. With
 ``--repeat`` above 1 it defaults to 20 (or K, if larger); a single run compares one draw with one run.
+The last column ("at real odds") gives each phase's ratio again with the simulated runs weighed to the real
+runs' odds of losing the race (:func:`at_real_odds`): where the race's two outcomes are 50 ms apart, the
+plain median jumps between them with the odds, and this separates "are the times right" from "are the
+odds right" (the race counts). The closing line counts the phases in range both ways.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import statistics
 import sys
+from fractions import Fraction
 from typing import Any
 
 from mooncake_protocol.resources import bundled_names
@@ -38,6 +43,8 @@ PHASES = ("bootstrap", "warmup", "collective")
 EMPTY_S = 1e-3
 #: Simulated draws per scenario by default with --repeat above 1 (see --sim-seeds).
 SIM_SEEDS = 20
+#: The target range of simulated / measured time per phase.
+LOW, HIGH = 0.8, 1.25
 
 
 def selected(gpu: bool) -> list[str]:
@@ -62,11 +69,51 @@ def sim_only(name: str, cal: Any, seed: int) -> tuple[dict[str, Any], int]:
     return out, missed_checks(rec.effects)
 
 
+def weighted_median(xs: list[tuple[float, Fraction]]) -> float | None:
+    """The median of values with weights (exact fractions): the value where the cumulative weight passes
+    half the total, or the mean of the two values around an exact half, as ``statistics.median`` does when
+    all weights are equal."""
+    xs = sorted((x, w) for x, w in xs if w > 0)
+    if not xs:
+        return None
+    half, acc = sum(w for _, w in xs) / 2, Fraction(0)
+    for k, (x, w) in enumerate(xs):
+        acc += w
+        if acc > half:
+            return x
+        if acc == half:
+            return (x + xs[k + 1][0]) / 2
+    return xs[-1][0]
+
+
+def at_real_odds(sims: list[float | None], sim_lost: list[bool], reals: list[float | None],
+                 real_lost: list[bool]) -> float | None:
+    """The simulated median re-weighted to the real runs' odds of losing the warmup race: each simulated run
+    weighs (share of real runs with its outcome) / (simulated runs with its outcome). A phase whose time is
+    two modes 50 ms apart (race won, race lost) has a median that jumps between them with the odds, so
+    comparing plain medians mixes two questions: are the times right, and are the odds right. This answers
+    the first; the race counts answer the second. None when the real runs had an outcome no simulated run
+    had (or nothing to weigh)."""
+    real = [lost for t, lost in zip(reals, real_lost, strict=True) if t is not None]
+    sim = [(t, lost) for t, lost in zip(sims, sim_lost, strict=True) if t is not None]
+    if not real or not sim:
+        return None
+    n_sim = {o: sum(lost == o for _, lost in sim) for o in (False, True)}
+    share = {o: Fraction(sum(lost == o for lost in real), len(real)) for o in (False, True)}
+    if any(share[o] and not n_sim[o] for o in share):
+        return None
+    return weighted_median([(t, share[lost] / n_sim[lost]) for t, lost in sim])
+
+
 def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None = None) -> dict[str, Any]:
     """One scenario's line from its runs (and ``extra`` simulator-only runs): the medians of each phase's
-    times, simulated over measured, and the warmup race's count of runs with a missed key check."""
+    times, simulated over measured, the same with the simulated runs weighed to the real race odds
+    (:func:`at_real_odds`), and the warmup race's count of runs with a missed key check."""
     p = runs[0]
     extra = extra or []
+    sim_lost = [q.missed_checks.get("sim", 0) > 0 for q in runs] + [n > 0 for _, n in extra]
+    real_lost = [q.missed_checks.get("real", 0) > 0 for q in runs]
+    raced = all(q.missed_checks for q in runs)
     phases = {}
     for ph in PHASES:
         sims = [(q.sim.get("phase_times_s") or {}).get(ph) for q in runs]
@@ -75,21 +122,32 @@ def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None
         s, r = _median(sims), _median(reals)
         empty = s is not None and r is not None and max(s, r) < EMPTY_S
         got = [x for x in reals if x is not None]
+        s_odds = at_real_odds(sims, sim_lost, reals, real_lost) if raced else None
         phases[ph] = {"sim_s": s, "real_s": r, "ratio": (s / r) if s is not None and r and not empty else None,
                       "empty": empty, "sim_runs_s": sims, "real_runs_s": reals,
+                      "sim_at_real_odds_s": s_odds,
+                      "ratio_at_real_odds": (s_odds / r) if s_odds is not None and r and not empty else None,
                       "real_range_s": (min(got), max(got)) if got else None}
     statuses = {q.status for q in runs}
     status = p.status if len(statuses) == 1 else "/".join(sorted(statuses))
     paired = [q for q in runs if q.missed_checks]
     missed = {"sim": sum(q.missed_checks["sim"] > 0 for q in paired) + sum(n > 0 for _, n in extra),
               "sim_runs": len(paired) + len(extra),
-              "real": sum(q.missed_checks["real"] > 0 for q in paired), "real_runs": len(paired)}
+              "real": sum(q.missed_checks["real"] > 0 for q in paired), "real_runs": len(paired),
+              "sim_lost": sim_lost if raced else None, "real_lost": real_lost if raced else None}
     return {"scenario": p.scenario, "status": status, "runs": len(runs), "sim_runs": len(runs) + len(extra),
             "missed": missed,
             "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
             "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases,
             "message": "; ".join(sorted({q.message for q in runs if q.message})),
             "differences": [f"run {k + 1}: " + format_parity(q) for k, q in enumerate(runs) if q.status == "differ"]}
+
+
+def in_range(rows: list[dict[str, Any]], key: str) -> tuple[int, int]:
+    """How many phase cells have ``key`` (a ratio) in the target range, of those with one."""
+    got = [r["phases"][p][key] for r in rows for p in PHASES]
+    got = [x for x in got if x is not None]
+    return sum(LOW <= x <= HIGH for x in got), len(got)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,13 +202,24 @@ def main(argv: list[str] | None = None) -> int:
             m = r["missed"]
             return f"sim {m['sim']}/{m['sim_runs']} real {m['real']}/{m['real_runs']}" if m["real_runs"] else "-"
 
+        def odds(r: dict[str, Any]) -> str:
+            got = [r["phases"][p]["ratio_at_real_odds"] for p in PHASES]
+            if all(x is None for x in got):
+                return "-"
+            return "/".join("-" if x is None else f"{x:.2f}" for x in got)
+
         many = args.repeat > 1
         print(f"{'scenario':<30} {'canonical':<12} {'sim':<28} {'real':<28} " + " ".join(f"{p:<24}" for p in PHASES)
-              + (f" {'real range ms (' + '/'.join(PHASES) + ')':<40}" if many else "") + " race lost (runs)")
+              + (f" {'real range ms (' + '/'.join(PHASES) + ')':<40}" if many else "") + " race lost (runs)"
+              + ("  at real odds" if many else ""))
         for r in rows:
             print(f"{r['scenario']:<30} {r['status']:<12} {r['sim']:<28} {r['real']:<28} "
                   + " ".join(f"{cell(r['phases'][p]):<24}" for p in PHASES)
-                  + (f" {' / '.join(spread(r['phases'][p]) for p in PHASES):<40}" if many else "") + " " + race(r))
+                  + (f" {' / '.join(spread(r['phases'][p]) for p in PHASES):<40}" if many else "") + " "
+                  + f"{race(r):<24}" + (f"  {odds(r)}" if many else ""))
+        plain, odd = in_range(rows, "ratio"), in_range(rows, "ratio_at_real_odds")
+        print(f"\nphases in {LOW}-{HIGH}: {plain[0]} of {plain[1]} (medians)"
+              + (f", {odd[0]} of {odd[1]} with the simulated runs weighed to the real race odds" if many else ""))
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")

@@ -148,9 +148,47 @@ def test_report_counts_lost_races_and_adds_simulator_only_runs() -> None:
             ParityResult("x", "equal", times(0.11), times(0.06), missed_checks={"sim": 1, "real": 0})]
     extra = [(times(0.06), 0), (times(0.06), 0), (times(0.11), 3)]
     r = parity_report.row(runs, extra)
-    assert r["missed"] == {"sim": 2, "sim_runs": 5, "real": 1, "real_runs": 2}
+    assert r["missed"] == {"sim": 2, "sim_runs": 5, "real": 1, "real_runs": 2,
+                           "sim_lost": [False, True, False, False, True], "real_lost": [True, False]}
     assert r["phases"]["warmup"]["sim_s"] == 0.06 and r["phases"]["warmup"]["real_s"] == pytest.approx(0.085)
     assert r["sim_runs"] == 5 and r["phases"]["collective"]["empty"]
     trace = [{"type": "effect", "effect": "StoreCheck", "result": False}, {"type": "effect", "effect": "StoreCheck", "result": True},
              {"type": "mark", "name": "StoreCheck", "result": False}, {"type": "effect", "effect": "StoreGet", "result": None}]
     assert missed_checks(trace) == 1
+
+
+def test_report_weighs_simulated_runs_to_the_real_race_odds() -> None:
+    """parity_report: a phase with two modes (race won 60 ms, lost 110 ms). The plain simulated median
+    falls with the simulator's odds; weighed to the real runs' odds, it compares like with like."""
+    from fractions import Fraction
+    from pathlib import Path
+
+    from mooncake_sim.parity import ParityResult
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    assert parity_report.weighted_median([(3.0, Fraction(1)), (1.0, Fraction(1)), (2.0, Fraction(1))]) == 2.0
+    assert parity_report.weighted_median([(1.0, Fraction(1)), (2.0, Fraction(1))]) == 1.5
+    assert parity_report.weighted_median([(1.0, Fraction(1)), (2.0, Fraction(3))]) == 2.0
+    assert parity_report.weighted_median([]) is None
+
+    def times(w: float) -> dict[str, object]:
+        return {"verdict": "completed", "phase_times_s": {"bootstrap": 0.02, "warmup": w, "collective": 0.0}}
+
+    # real: 3 of 4 runs lost the race (110 ms each), one won (62 ms); simulated: 6 of 8 draws won (58-63 ms)
+    runs = [ParityResult("x", "equal", times(0.060), times(0.110), missed_checks={"sim": 0, "real": 1}),
+            ParityResult("x", "equal", times(0.112), times(0.108), missed_checks={"sim": 1, "real": 1}),
+            ParityResult("x", "equal", times(0.058), times(0.112), missed_checks={"sim": 0, "real": 2}),
+            ParityResult("x", "equal", times(0.061), times(0.062), missed_checks={"sim": 0, "real": 0})]
+    extra = [(times(0.063), 0), (times(0.059), 0), (times(0.062), 0), (times(0.114), 1)]
+    w = parity_report.row(runs, extra)["phases"]["warmup"]
+    assert w["ratio"] == pytest.approx(0.0615 / 0.109)  # the plain medians: won against lost
+    # weighed: the two lost draws (112, 114 ms) carry 3/4 of the weight, the six won ones 1/4
+    assert w["sim_at_real_odds_s"] == pytest.approx(0.112) and w["ratio_at_real_odds"] == pytest.approx(0.112 / 0.109)
+    assert parity_report.in_range([{"phases": {"bootstrap": {"ratio": 1.0}, "warmup": w,
+                                               "collective": {"ratio": None}}}], "ratio") == (1, 2)
+    # a real outcome the simulator never drew: no weighed ratio
+    runs[3] = ParityResult("x", "equal", times(0.061), times(0.062), missed_checks={"sim": 0, "real": 0})
+    no_lost = parity_report.row(runs[:1] + runs[3:], extra[:3])["phases"]["warmup"]
+    assert no_lost["ratio_at_real_odds"] is None and no_lost["ratio"] is not None

@@ -41,7 +41,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "store_connect_s", "thread_start_s",
               "dead_peer_check_s",
-              "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s")
+              "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s", "ipc_open_s")
 
 BIG = 4 << 20
 
@@ -350,6 +350,7 @@ class InSitu:
         self.store_first: list[float] = []  # each thread's first store request step, the callers' excepted
         self.first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
         self.writes: dict[str, list[float]] = defaultdict(list)
+        self.first_writes: dict[str, list[float]] = defaultdict(list)  # a transport's first WRITE to a peer
         self.oversleep: list[float] = []
         self.spans: list[list[float]] = []
         self.done = 0
@@ -386,6 +387,8 @@ class InSitu:
         for result in res.results.values():
             for transport, ds in (result.get("write_s") or {}).items():
                 self.writes[transport] += [float(d) for d in ds]
+            for transport, ds in (result.get("write_first_s") or {}).items():
+                self.first_writes[transport] += [float(d) for d in ds]
 
     def figures(self) -> dict[str, float]:
         """The means over the runs taken so far ({} when none completed)."""
@@ -411,9 +414,14 @@ class InSitu:
             out["in_situ_thread_start_s"] = statistics.fmean(starts)
         if self.rpc_first:
             out["in_situ_rpc_first_s"] = statistics.fmean(self.rpc_first)
-        for transport, ds in self.writes.items():
-            if ds:
-                out[f"in_situ_{transport}_write_s"] = statistics.fmean(ds)
+            out["in_situ_rpc_first_n"] = float(len(self.rpc_first))
+        for transport in sorted(set(self.writes) | set(self.first_writes)):
+            later, first = self.writes.get(transport), self.first_writes.get(transport)
+            if later or first:  # a WRITE on an open connection; with none, the first ones are all there is
+                out[f"in_situ_{transport}_write_s"] = statistics.fmean(later or first or [])
+            if later and first:
+                out[f"in_situ_{transport}_write_first_s"] = statistics.fmean(first)
+                out[f"in_situ_{transport}_write_first_n"] = float(len(first))
         if self.oversleep:
             out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(self.oversleep))
         spread = pooled_rank_spread(self.spans)
@@ -575,6 +583,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
         "gpu_timeslice_s": None,
         "nvlink_same_gpu_s": None,  # measured inside a CUDA job only (sim_cuda_by_ranks)
+        "ipc_open_s": None,  # likewise
         "first_kernel_s": m.get("first_kernel_s"),  # a fresh process's first kernel less a later one (alone)
     }
     assert set(sim) == set(SIM_FIELDS)
@@ -623,14 +632,23 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         out["tcp_latency_s"] = rtt
         service = alone["rpc_service_s"] or 0.0
         out["rpc_one_way_s"] = max(rtt - service, 0.0) / 2
+        # what a first call costs beyond a call on an open connection, pooled over both kinds of first call
+        # (one client code): a thread's first RpcCall to a server, a transfer thread's first TCP WRITE to one
+        extra = []
         if "in_situ_rpc_first_s" in m:
-            out["rpc_connect_s"] = max(m["in_situ_rpc_first_s"] - effect - rtt, 0.0)
+            extra.append((m["in_situ_rpc_first_s"] - effect - rtt, m.get("in_situ_rpc_first_n", 1.0)))
+        if "in_situ_tcp_write_first_s" in m:
+            extra.append((m["in_situ_tcp_write_first_s"] - rtt, m.get("in_situ_tcp_write_first_n", 1.0)))
+        if extra:
+            out["rpc_connect_s"] = max(sum(x * n for x, n in extra) / sum(n for _, n in extra), 0.0)
     if "in_situ_shm_write_s" in m:
         out["shm_latency_s"] = m["in_situ_shm_write_s"]
     if "in_situ_LoadKernel_first_s" in m and "in_situ_LoadKernel_s" in m:  # the first kernel's one-time set-up
         out["first_kernel_s"] = max(m["in_situ_LoadKernel_first_s"] - m["in_situ_LoadKernel_s"], 0.0)
     if "in_situ_nvlink_write_s" in m:  # the CUDA job: IPC copies between ranks sharing the GPU
         out["nvlink_same_gpu_s"] = m["in_situ_nvlink_write_s"]
+        if "in_situ_nvlink_write_first_s" in m:  # a first WRITE to a peer also fetches and opens its IPC handle
+            out["ipc_open_s"] = max(m["in_situ_nvlink_write_first_s"] - m["in_situ_nvlink_write_s"], 0.0)
     if "in_situ_oversleep_s" in m:
         out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
     if "in_situ_rank_spread" in m:

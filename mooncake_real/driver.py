@@ -749,6 +749,7 @@ def run_rank(spec: RankSpec) -> int:
             code = 3
     result["t"] = round(driver.now(), 6)
     result["write_s"] = {k: list(v) for k, v in list(driver.transfers.durations.items())}
+    result["write_first_s"] = {k: list(v) for k, v in list(driver.transfers.first_durations.items())}
     driver.finished.set()
     _write_json(spec.path("result"), result)
     for h in list(driver.handles.values()):

@@ -133,8 +133,13 @@ class TransferEngine:
         #: what the transfer thread is doing now (for dumps): (description, monotonic start) or None
         self.current: tuple[str, float] | None = None
         #: seconds each WRITE took on the transfer thread, per transport (the first WRITES_KEPT of each);
-        #: ``mooncake-real calibrate`` reads them from the result files to measure WRITEs inside a job
+        #: ``mooncake-real calibrate`` reads them from the result files to measure WRITEs inside a job. A
+        #: transport's first WRITE to a peer goes to ``first_durations`` instead: it also opens what later
+        #: ones reuse (TCP: the thread's RPC connection; SHM: a mapping of the peer's segment; NVLink: the
+        #: peer's IPC handle, fetched by RPC and opened), which in a job can cost many times a WRITE
         self.durations: dict[str, list[float]] = {}
+        self.first_durations: dict[str, list[float]] = {}
+        self._contacted: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._loop, name=f"transfer-{rank}", daemon=True)
         self._thread.start()
 
@@ -175,7 +180,11 @@ class TransferEngine:
             except Exception as exc:  # a driver fault must show as a failed request, not a dead thread
                 reason = f"driver-error:{type(exc).__name__}:{exc}"
             self.current = None
-            kept = self.durations.setdefault(w.transport, [])
+            contact = (w.transport, w.dst_owner)
+            # an NVLink WRITE to this rank's own memory opens no IPC handle (see execute)
+            first = contact not in self._contacted and not (w.transport == "nvlink" and w.dst_owner == self.rank)
+            self._contacted.add(contact)
+            kept = (self.first_durations if first else self.durations).setdefault(w.transport, [])
             if len(kept) < WRITES_KEPT and reason is None:
                 kept.append(round(time.monotonic() - t0, 7))
             with self._lock:

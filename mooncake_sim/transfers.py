@@ -392,8 +392,13 @@ class TransferModel:
         op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)",
                 sm=w.transport in ("nvlink", "mnnvl"))
 
+        opens = w.transport == "nvlink" and w.dst_owner != r.env.rank and self.sim.cal.ipc_open_s
+
         def start() -> None:
             op.duration = self._start_flow(edges, lat, cap, w.length)
+            if opens:  # calibrated: the real engine fetches and opens a peer's IPC handle at its first WRITE there
+                op.duration += self.sim.connect_cost(r.env.rank, "transfer", f"ipc:{w.dst_server}",
+                                                     self.sim.cal.ipc_open_s) * r.speed
 
         op.on_start = start
         op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])

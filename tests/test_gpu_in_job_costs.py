@@ -194,3 +194,48 @@ def test_calibrate_warns_when_the_host_changed_speed() -> None:
     for first, last in ((252e-6, 130e-6), (130e-6, 252e-6)):
         note = unsteady(first, last)
         assert note is not None and f"{first * 1e6:.0f} us at the start" in note and "run calibrate again" in note
+
+
+def test_calibrate_keeps_a_transports_first_write_to_a_peer_apart() -> None:
+    """A first WRITE to a peer also opens what later ones reuse (TCP: the thread's connection; NVLink: the
+    peer's IPC handle): the WRITE latencies come from the later ones, the difference becomes the opening."""
+    from mooncake_real.calibrate import InSitu
+
+    acc = InSitu(load_scenario("real-cpu-allreduce"))
+    acc.done = 1  # what add() takes from the ranks' result files ("write_s", "write_first_s")
+    acc.writes.update(tcp=[1e-3, 3e-3], nvlink=[2e-3], shm=[1e-4])
+    acc.first_writes.update(tcp=[6e-3, 8e-3, 10e-3], nvlink=[12e-3], shm=[3e-4])
+    m = acc.figures()
+    assert m["in_situ_tcp_write_s"] == pytest.approx(2e-3) and m["in_situ_tcp_write_first_s"] == pytest.approx(8e-3)
+    assert m["in_situ_tcp_write_first_n"] == 3 and m["in_situ_nvlink_write_first_s"] == pytest.approx(12e-3)
+    alone = {"store_service_s": 0.0, "rpc_service_s": 0.0}
+    m.update(in_situ_effect_s=1e-4, in_situ_rpc_first_s=5.1e-3, in_situ_rpc_first_n=1.0)
+    out = in_situ_sim(m, alone)  # type: ignore[arg-type]
+    assert out["tcp_latency_s"] == pytest.approx(2e-3) and out["nvlink_same_gpu_s"] == pytest.approx(2e-3)
+    # pooled first calls: one RpcCall 5.1 - 0.1 - 2 = 3 ms over the round trip, three TCP WRITEs 6 ms
+    assert out["rpc_connect_s"] == pytest.approx((3e-3 + 3 * 6e-3) / 4)
+    assert out["ipc_open_s"] == pytest.approx(10e-3)
+    # only first WRITEs of a transport: they are its latency, and nothing is split off
+    only = InSitu(load_scenario("real-cpu-allreduce"))
+    only.first_writes["tcp"] += [4e-3]
+    only.done = 1
+    f = only.figures()
+    assert f["in_situ_tcp_write_s"] == pytest.approx(4e-3) and "in_situ_tcp_write_first_s" not in f
+
+
+def test_the_first_ipc_copy_to_a_peer_pays_the_handle_open_once() -> None:
+    sc = load_scenario("cuda-collectives-1gpu")
+    base = simulate(sc, calibration=Calibration(nvlink_same_gpu_s=1e-3))
+    opened = simulate(sc, calibration=Calibration(nvlink_same_gpu_s=1e-3, ipc_open_s=5e-3))
+    sim = Simulation(sc, calibration=Calibration(nvlink_same_gpu_s=1e-3, ipc_open_s=5e-3))
+    sim.run()
+    ipc = {k for k in sim.connected if k[2].startswith("ipc:")}
+    ranks = sc.ranks
+    # one opening per (rank, other rank's server): never for a rank's own memory
+    assert len(ipc) == ranks * (ranks - 1) and all(k[1] == "transfer" for k in ipc)
+    assert opened.end_reason == base.end_reason == "completed"
+    def canon(rec):  # type: ignore[no-untyped-def]
+        return canonical(rec.marks + rec.effects, evaluate(rec, sc).to_json())
+
+    assert canon(opened) == canon(base)  # the same story
+    assert evaluate(opened, sc).sim_time_s > evaluate(base, sc).sim_time_s + 4e-3  # later by the openings

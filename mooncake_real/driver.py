@@ -271,6 +271,10 @@ class RankDriver:
         self._dump_lock = threading.Lock()
         self.dumps = 0
         self.finished = threading.Event()
+        #: set once the launcher is gone (:meth:`orphaned_exit`): no file is written into the job directory
+        #: after that, and none is half-written when it is removed (:meth:`write_file` holds the lock)
+        self.orphaned = False
+        self._files_lock = threading.Lock()
 
     # ------------------------------------------------------------------ helpers
     def now(self) -> float:
@@ -560,7 +564,7 @@ class RankDriver:
                 },
             }
             path = self.spec.path("dump")
-            _write_json(path, doc)
+            self.write_file(path, doc)
             return path
 
     def watchdog(self, stop: threading.Event) -> None:
@@ -594,9 +598,19 @@ class RankDriver:
         self.cleanup()
         os._exit(code)
 
+    def write_file(self, path: Path, doc: Any) -> None:
+        """Write a JSON file into the job directory, unless the rank is orphaned (see :meth:`orphaned_exit`)."""
+        with self._files_lock:
+            if not self.orphaned:
+                _write_json(path, doc)
+
     def orphaned_exit(self, code: int) -> None:
         """The launcher is gone (killed): clean up, and remove its temporary job directory, which no one will read
-        or remove now (every orphaned rank tries; the first one wins)."""
+        or remove now. Every orphaned rank removes it as it exits, after its own last write (another thread's
+        result file, written while the cleanup made its activity fail, once left the directory behind), so the
+        last rank to go leaves nothing."""
+        with self._files_lock:
+            self.orphaned = True
         self.cleanup()
         if self.spec.job_dir_owned:
             shutil.rmtree(self.spec.job_dir, ignore_errors=True)
@@ -751,7 +765,7 @@ def run_rank(spec: RankSpec) -> int:
     result["write_s"] = {k: list(v) for k, v in list(driver.transfers.durations.items())}
     result["write_first_s"] = {k: list(v) for k, v in list(driver.transfers.first_durations.items())}
     driver.finished.set()
-    _write_json(spec.path("result"), result)
+    driver.write_file(spec.path("result"), result)
     for h in list(driver.handles.values()):
         if not h.thread.daemon:
             h.thread.join(max(0.0, spec.t0 + spec.deadline_s - time.monotonic()))

@@ -21,6 +21,10 @@ The last column ("at real odds") gives each phase's ratio again with the simulat
 runs' odds of losing the race (:func:`at_real_odds`): where the race's two outcomes are 50 ms apart, the
 plain median jumps between them with the odds, and this separates "are the times right" from "are the
 odds right" (the race counts). The closing line counts the phases in range both ways.
+
+With ``--calibration`` the report measures the store round trip at its start and end, as ``calibrate``
+does, and warns (stderr, and below the table) when either differs from the file's by more than 1.3 times:
+the host then runs at another speed than when it was calibrated, and every simulated time is off with it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import json
 import statistics
 import sys
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from mooncake_protocol.resources import bundled_names
@@ -150,6 +155,35 @@ def in_range(rows: list[dict[str, Any]], key: str) -> tuple[int, int]:
     return sum(LOW <= x <= HIGH for x in got), len(got)
 
 
+def calibrated_ping(path: str) -> float | None:
+    """The store round trip the calibration file measured (the mean of its start and end figures), if any."""
+    try:
+        m = json.loads(Path(path).read_text()).get("measured") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    got = [float(m[k]) for k in ("store_ping_rtt_s", "store_ping_rtt_end_s") if isinstance(m.get(k), (int, float))]
+    return statistics.fmean(got) if got else None
+
+
+def drift_warning(then_s: float | None, now_s: float, when: str) -> str | None:
+    """A line when the host's store round trip now differs from the calibration's by more than
+    ``UNSTEADY_FACTOR``: the in-job costs the simulator uses then describe another state of the host."""
+    from mooncake_real.calibrate import UNSTEADY_FACTOR
+
+    if not then_s or now_s <= 0 or max(then_s, now_s) / min(then_s, now_s) <= UNSTEADY_FACTOR:
+        return None
+    return (f"parity_report: warning: the store round trip {when} is {now_s * 1e6:.0f} us against "
+            f"{then_s * 1e6:.0f} us when the calibration was taken: this host runs at another speed now, and "
+            "simulated times will be off by about that much; calibrate again right before the report")
+
+
+def host_ping() -> float:
+    """This host's store round trip now (as ``mooncake-real calibrate`` measures it)."""
+    from mooncake_real.calibrate import measure_store
+
+    return measure_store(100)["store_ping_rtt_s"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calibration", metavar="FILE")
@@ -170,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--sim-seeds must be at least --repeat ({args.repeat})")
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
+    then = calibrated_ping(args.calibration) if args.calibration else None
+    warnings = []
+    if then:
+        w = drift_warning(then, host_ping(), "at the start")
+        if w:
+            warnings.append(w)
+            print(w, file=sys.stderr, flush=True)
     rows = []
     for name in args.only or selected(args.gpu):
         runs = []
@@ -183,6 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         if runs[-1].status in ("equal", "differ"):
             extra = [sim_only(name, cal, seed) for seed in range(len(runs), sim_seeds)]
         rows.append(row(runs, extra))
+    if then:
+        w = drift_warning(then, host_ping(), "at the end")
+        if w:
+            warnings.append(w)
+            print(w, file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -223,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")
+        for w in warnings:
+            print(w)
     bad = [r for r in rows if r["status"] not in ("equal", "unrealisable")]
     return 1 if bad else 0
 

@@ -193,3 +193,23 @@ def test_report_weighs_simulated_runs_to_the_real_race_odds() -> None:
     runs[3] = ParityResult("x", "equal", times(0.061), times(0.062), missed_checks={"sim": 0, "real": 0})
     no_lost = parity_report.row(runs[:1] + runs[3:], extra[:3])["phases"]["warmup"]
     assert no_lost["ratio_at_real_odds"] is None and no_lost["ratio"] is not None
+
+
+def test_report_warns_when_the_host_runs_at_another_speed_than_calibrated(tmp_path: object) -> None:
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    path = Path(str(tmp_path)) / "cal.json"
+    path.write_text(json.dumps({"sim": {}, "measured": {"store_ping_rtt_s": 1e-4, "store_ping_rtt_end_s": 1.2e-4}}))
+    then = parity_report.calibrated_ping(str(path))
+    assert then == pytest.approx(1.1e-4)
+    assert parity_report.drift_warning(then, 1.3e-4, "at the start") is None  # within 1.3 times
+    w = parity_report.drift_warning(then, 2.2e-4, "at the end")
+    assert w is not None and "220 us against 110 us" in w and "calibrate again" in w
+    assert parity_report.drift_warning(then, 0.5e-4, "at the start") is not None  # faster counts too
+    path.write_text(json.dumps({"sim": {}}))  # an older file without the figure: no judgement
+    assert parity_report.calibrated_ping(str(path)) is None
+    assert parity_report.drift_warning(None, 2e-4, "at the start") is None
+    assert 0 < parity_report.host_ping() < 0.1

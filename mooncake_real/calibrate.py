@@ -40,7 +40,7 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "rdma_overhead_s", "alloc_s", "register_s", "host_cpus", "tcp_latency_s", "tcp_bandwidth_Bps",
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "store_connect_s", "thread_start_s",
-              "dead_peer_check_s",
+              "dead_peer_check_s", "dead_notice_s",
               "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s", "ipc_open_s")
 
 BIG = 4 << 20
@@ -115,6 +115,65 @@ def measure_rpc(n: int = 300) -> dict[str, float]:
     bw = BIG / max(big - small, 1e-9)
     return {"rpc_rtt_s": small, "rpc_first_call_s": statistics.median(firsts), "tcp_write_small_s": small,
             "tcp_write_4mib_s": big, "tcp_bandwidth_Bps": bw}
+
+
+#: A process serving RPC (as a rank does) for :func:`measure_dead_notice`; it prints "up" once it serves.
+_DYING_SERVER = """
+import sys
+from mooncake_real.rpc import RpcServer
+s = RpcServer("127.0.0.1")
+port = int(sys.argv[1])
+if s.bind(port).ok and s.serve(port, lambda method, payload: payload):
+    print("up", flush=True)
+    sys.stdin.read()
+"""
+
+
+def measure_dead_notice(trials: int = 7) -> dict[str, float]:
+    """How long a killed process's RPC port keeps taking requests: SIGKILL a process serving RPC, then probe
+    its port every 0.2 ms until a connection is refused (median over ``trials``). A call sent on a cached
+    connection within that window goes out as if the peer were alive, and the real client only learns
+    otherwise at its next port probe, ``DEAD_PEER_CHECK_S`` later (docs/parity.md, "tenth session")."""
+    import signal
+    import socket
+    import subprocess
+
+    def refused(port: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return False
+        except ConnectionRefusedError:
+            return True
+        except OSError:
+            return False
+
+    got = []
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        *filter(None, [os.environ.get("PYTHONPATH")])]))
+    for _ in range(trials):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER, str(port)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        try:
+            if proc.stdout is None or proc.stdout.readline().strip() != b"up":
+                continue
+            t0 = time.perf_counter()
+            os.kill(proc.pid, signal.SIGKILL)
+            while not refused(port) and time.perf_counter() - t0 < 1.0:
+                time.sleep(0.0002)
+            got.append(time.perf_counter() - t0)
+        finally:
+            proc.kill()
+            proc.wait()
+    return {"dead_notice_s": statistics.median(got)} if got else {}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def measure_shm(n: int = 200) -> dict[str, float]:
@@ -579,6 +638,7 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         if "store_first_op_s" in m else None,
         "thread_start_s": None,  # measured inside a job only (sim_by_ranks)
         "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
+        "dead_notice_s": m.get("dead_notice_s"),  # a killed process's port takes requests this long
         "rank_spread": None,  # likewise
         # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
         "gpu_timeslice_s": None,
@@ -715,6 +775,7 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     measured: dict[str, float] = {}
     measured.update(measure_store(n))
     measured.update(measure_rpc(n))
+    measured.update(measure_dead_notice(3 if quick else 7))
     measured.update(measure_shm(n))
     measured.update(measure_writes(n))
     measured.update(measure_driver(1, n))

@@ -73,6 +73,10 @@ class Calibration:
     dead_peer_check_s: float | None = None  # an RPC (or TCP WRITE) whose server dies before answering fails at
     #                                         the caller's next port probe, this often from the call (the real
     #                                         driver's zmq client); None: at once
+    dead_notice_s: float | None = None  # a rank's port keeps taking requests this long after it is killed (the
+    #                                     process is still being torn down): a TCP WRITE to it sent then goes
+    #                                     out and fails only at the next probe, dead_peer_check_s later
+    #                                     (the real zmq client); None: a WRITE after the death fails at once
     rank_spread: float | None = None  # how much ranks of one job differ in speed, phase by phase (coefficient
     #                                   of variation of their bootstrap times inside a real job); None: all alike
     gpu_timeslice_s: float | None = None  # the time slice of processes sharing a GPU (gpu.py, "Time-slicing");

@@ -193,3 +193,29 @@ def test_a_call_in_flight_to_a_dying_server_fails_at_the_next_port_probe(died: f
     sim.env.process(caller())
     sim.env.run()
     assert sim.env.now == pytest.approx(noticed)
+
+
+def _failures_after_the_kill(cal: Calibration) -> list[float]:
+    """Seconds from rank 3's death to each survivor's failed WRITE to it, in real-cpu-kill-rank."""
+    from mooncake_protocol.outcome import evaluate
+
+    sc = load_scenario("real-cpu-kill-rank")
+    rec = simulate(sc, calibration=cal)
+    assert evaluate(rec, sc).to_json()["verdict"] == "completed"
+    killed = next(m["t"] for m in rec.marks if m["name"] == "killed")
+    return [m["t"] - killed for m in rec.marks if m["name"] == "transfer_failed" and m["data"]["dst_rank"] == 3]
+
+
+def test_a_write_sent_while_the_killed_rank_is_torn_down_fails_at_the_next_probe() -> None:
+    """dead_notice_s: a killed rank's port takes requests for a while (its process is torn down), so a TCP
+    WRITE sent to it then goes out and fails only at the real client's next port probe (0.1 s later), as
+    real kill-rank runs showed; without the field, or once the window is over, it fails at once."""
+    base = dict(dead_peer_check_s=0.1, transfer_threads=1.0, tcp_latency_s=1e-3)
+    at_once = _failures_after_the_kill(Calibration(**base))  # type: ignore[arg-type]
+    assert len(at_once) == 3 and max(at_once) < 0.05
+    torn_down = _failures_after_the_kill(Calibration(**base, dead_notice_s=1.0))  # type: ignore[arg-type]
+    assert len(torn_down) == 3 and min(torn_down) >= 0.1  # each waits for its probe, a slice after sending
+    over = _failures_after_the_kill(Calibration(**base, dead_notice_s=1e-9))  # type: ignore[arg-type]
+    assert over == at_once  # sent after the window: refused at once, as before
+    no_probe = _failures_after_the_kill(Calibration(tcp_latency_s=1e-3, transfer_threads=1.0, dead_notice_s=1.0))
+    assert max(no_probe) < 0.05  # without dead_peer_check_s nothing waits for a probe

@@ -129,6 +129,7 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
         assert part["rank_spread"] is not None and part["rank_spread"] >= 0  # ranks of one run differ
         assert cal.for_ranks(n).tcp_latency_s == pytest.approx(part["tcp_latency_s"])
     assert cal.dead_peer_check_s == pytest.approx(0.1)  # the real RPC client's port probe period
+    assert 0 < m["dead_notice_s"] < 1.0 and cal.dead_notice_s == pytest.approx(m["dead_notice_s"])  # a killed port's last moments
     assert "in situ" in proc.stderr.replace("inside it", "in situ") and "8 ranks" in proc.stderr
 
 

@@ -72,6 +72,19 @@ def map_once(tag: str) -> float:
     return dt
 
 
+def remap(fd: int, size: int, reps: int) -> list[float]:
+    """Map another view of an open segment ``reps`` times; the seconds each ``mmap`` call took."""
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        again = mmap.mmap(fd, size)
+        out.append(time.perf_counter() - t0)
+        again[8:9] = b"y"  # past the flag word a kernel may be reading
+        again.close()
+        time.sleep(0.002)
+    return out
+
+
 def series(name: str, reps: int) -> list[float]:
     out = []
     for k in range(reps):
@@ -170,15 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             for registered in (False, True):
                 if registered:  # cudaHostRegisterPortable | cudaHostRegisterMapped, as real mode registers
                     cp.cuda.runtime.hostRegister(int(view.ctypes.data), size, 3)
-                xs = []
-                for _ in range(args.reps):
-                    t0 = time.perf_counter()
-                    again = mmap.mmap(fd, size)
-                    xs.append(time.perf_counter() - t0)
-                    again[0:1] = b"y"
-                    again.close()
-                    time.sleep(0.002)
-                got[f"own {size >> 20} MiB{' registered' if registered else ''}"] = xs
+                got[f"own {size >> 20} MiB{' registered' if registered else ''}"] = remap(fd, size, args.reps)
             # the spin kernel's pattern: a kernel reads a flag in that registered segment (through its mapped
             # device pointer) until it is cleared, while a second view of the segment is mapped
             view[0:4] = np.frombuffer(np.int32(1).tobytes(), dtype=np.uint8)
@@ -186,15 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             watch = cp.RawModule(code=HOLD_SOURCE).get_function("watch")
             watch((1,), (1,), (cp.uint64(dptr), cp.uint64(int(args.hold * 1e9))), stream=stream)
             time.sleep(0.05)
-            xs = []
-            for _ in range(min(args.reps, int(args.hold / 0.004))):
-                t0 = time.perf_counter()
-                again = mmap.mmap(fd, size)
-                xs.append(time.perf_counter() - t0)
-                again[8:9] = b"y"
-                again.close()
-                time.sleep(0.002)
-            got[f"own {size >> 20} MiB registered, kernel reading it"] = xs
+            got[f"own {size >> 20} MiB registered, kernel reading it"] = remap(fd, size, min(args.reps, int(args.hold / 0.004)))
             view[0:4] = np.frombuffer(np.int32(0).tobytes(), dtype=np.uint8)  # clear: the kernel ends
             stream.synchronize()
             cp.cuda.runtime.hostUnregister(int(view.ctypes.data))

@@ -25,6 +25,8 @@ odds right" (the race counts). The closing line counts the phases in range both 
 With ``--calibration`` the report measures the store round trip at its start and end, as ``calibrate``
 does, and warns (stderr, and below the table) when either differs from the file's by more than 1.3 times:
 the host then runs at another speed than when it was calibrated, and every simulated time is off with it.
+It also holds the file against itself first (stderr, :func:`self_check`): the simulated bootstrap of the
+job ``calibrate`` ran at each rank count, over the bootstrap that job measured then.
 """
 
 from __future__ import annotations
@@ -177,6 +179,34 @@ def drift_warning(then_s: float | None, now_s: float, when: str) -> str | None:
             "simulated times will be off by about that much; calibrate again right before the report")
 
 
+def self_check(path: str, cal: Any, seeds: int = SIM_SEEDS) -> list[str]:
+    """The file held against itself: for each rank count whose in-job run recorded its bootstrap phase
+    (``in_situ_r<N>_bootstrap_s``), the simulated bootstrap of that same job with the file (median over
+    ``seeds`` spread seeds) over the measured one. Off here, the model misses or overcharges something;
+    near 1 while the report's bootstraps are off, the host changed between calibrating and the report."""
+    import tempfile
+
+    from mooncake_real.calibrate import IN_SITU_RANKS, in_situ_scenario
+
+    try:
+        m = json.loads(Path(path).read_text()).get("measured") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
+        for n in IN_SITU_RANKS:
+            real = m.get(f"in_situ_r{n}_bootstrap_s")
+            if not isinstance(real, (int, float)) or real <= 0:
+                continue
+            sc = load_scenario(in_situ_scenario(n, where))
+            sims = [(sim_outcome(sc, cal, seed)[1].get("phase_times_s") or {}).get("bootstrap") for seed in range(seeds)]
+            s = _median(sims)
+            if s is not None:
+                lines.append(f"parity_report: the calibration's own {n}-rank job: bootstrap simulated {s * 1e3:.1f} ms, "
+                             f"measured then {real * 1e3:.1f} ms = {s / real:.2f}")
+    return lines
+
+
 def host_ping() -> float:
     """This host's store round trip now (as ``mooncake-real calibrate`` measures it)."""
     from mooncake_real.calibrate import measure_store
@@ -206,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     cal = load_calibration(args.calibration) if args.calibration else None
     then = calibrated_ping(args.calibration) if args.calibration else None
     warnings = []
+    for line in self_check(args.calibration, cal) if args.calibration else []:
+        print(line, file=sys.stderr, flush=True)
     if then:
         w = drift_warning(then, host_ping(), "at the start")
         if w:

@@ -486,6 +486,9 @@ class InSitu:
         spread = pooled_rank_spread(self.spans)
         if spread is not None:
             out["in_situ_rank_spread"] = spread
+        longest = [max(s) for s in self.spans if s]
+        if longest:  # the job's own bootstrap phase (its longest rank), to hold the simulator's against
+            out["in_situ_bootstrap_s"] = statistics.median(longest)
         return out
 
 

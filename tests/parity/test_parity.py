@@ -124,6 +124,7 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
         part = data["sim_by_ranks"][str(n)]
         assert m[f"in_situ_r{n}_runs"] == 1 and m[f"in_situ_r{n}_tcp_write_s"] > 0
         assert m[f"in_situ_r{n}_tcp_write_first_n"] >= n  # each rank's first TCP WRITE to a peer, kept apart
+        assert 0 < m[f"in_situ_r{n}_bootstrap_s"] < 5  # the job's own bootstrap phase, to check a file against
         assert part["host_cpus"] is None and part["tcp_latency_s"] == pytest.approx(m[f"in_situ_r{n}_tcp_write_s"])
         assert part["effect_cpu_s"] > 0 and part["alloc_s"] is not None
         assert part["rank_spread"] is not None and part["rank_spread"] >= 0  # ranks of one run differ
@@ -237,3 +238,21 @@ def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:
     proc = subprocess.run([sys.executable, str(bench / "probe_mmap.py"), "--reps", "2"], capture_output=True,
                           text=True, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs CuPy and a CUDA GPU" in proc.stderr
+
+
+def test_report_holds_a_calibration_against_its_own_job(tmp_path: object) -> None:
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    from mooncake_sim.runner import load_calibration
+
+    path = Path(str(tmp_path)) / "cal.json"
+    path.write_text(json.dumps({"sim": {"effect_cpu_s": 1e-4}, "measured": {"in_situ_r4_bootstrap_s": 0.02}}))
+    lines = parity_report.self_check(str(path), load_calibration(str(path)), seeds=2)
+    assert len(lines) == 1 and "own 4-rank job" in lines[0] and "measured then 20.0 ms" in lines[0]
+    ratio = float(lines[0].rsplit("= ", 1)[1])
+    assert ratio > 0
+    path.write_text(json.dumps({"sim": {}}))  # an older file: nothing to check
+    assert parity_report.self_check(str(path), load_calibration(str(path)), seeds=2) == []

@@ -157,12 +157,18 @@ def in_range(rows: list[dict[str, Any]], key: str) -> tuple[int, int]:
     return sum(LOW <= x <= HIGH for x in got), len(got)
 
 
-def calibrated_ping(path: str) -> float | None:
-    """The store round trip the calibration file measured (the mean of its start and end figures), if any."""
+def _measured(path: str) -> dict[str, Any]:
+    """The calibration file's ``measured`` section ({} when it has none or cannot be read)."""
     try:
         m = json.loads(Path(path).read_text()).get("measured") or {}
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def calibrated_ping(path: str) -> float | None:
+    """The store round trip the calibration file measured (the mean of its start and end figures), if any."""
+    m = _measured(path)
     got = [float(m[k]) for k in ("store_ping_rtt_s", "store_ping_rtt_end_s") if isinstance(m.get(k), (int, float))]
     return statistics.fmean(got) if got else None
 
@@ -170,9 +176,9 @@ def calibrated_ping(path: str) -> float | None:
 def drift_warning(then_s: float | None, now_s: float, when: str) -> str | None:
     """A line when the host's store round trip now differs from the calibration's by more than
     ``UNSTEADY_FACTOR``: the in-job costs the simulator uses then describe another state of the host."""
-    from mooncake_real.calibrate import UNSTEADY_FACTOR
+    from mooncake_real.calibrate import speed_changed
 
-    if not then_s or now_s <= 0 or max(then_s, now_s) / min(then_s, now_s) <= UNSTEADY_FACTOR:
+    if not then_s or not speed_changed(then_s, now_s):
         return None
     return (f"parity_report: warning: the store round trip {when} is {now_s * 1e6:.0f} us against "
             f"{then_s * 1e6:.0f} us when the calibration was taken: this host runs at another speed now, and "
@@ -188,10 +194,7 @@ def self_check(path: str, cal: Any, seeds: int = SIM_SEEDS) -> list[str]:
 
     from mooncake_real.calibrate import IN_SITU_RANKS, in_situ_scenario
 
-    try:
-        m = json.loads(Path(path).read_text()).get("measured") or {}
-    except (OSError, ValueError, AttributeError):
-        return []
+    m = _measured(path)
     lines = []
     with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
         for n in IN_SITU_RANKS:

@@ -40,18 +40,9 @@ import threading
 import time
 from typing import Any
 
-HOLD_SOURCE = r"""
-extern "C" __global__ void watch(volatile int* flag, unsigned long long ns) {
-    unsigned long long start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (*flag == 1 && now - start < ns);
-}
-extern "C" __global__ void hold(unsigned long long ns) {
-    unsigned long long start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
-}
-"""
+# the kernels of the time-slicing probe: hold(ns) spins until its time is up, flag_spin(flag, ns) while *flag == 1
+from probe_timeslice import HOLD_SOURCE
+
 SEGMENT = 1 << 20
 
 
@@ -188,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             # device pointer) until it is cleared, while a second view of the segment is mapped
             view[0:4] = np.frombuffer(np.int32(1).tobytes(), dtype=np.uint8)
             dptr = int(view.ctypes.data)  # unified addressing: a registered mapped host pointer is valid on the GPU
-            watch = cp.RawModule(code=HOLD_SOURCE).get_function("watch")
+            watch = cp.RawModule(code=HOLD_SOURCE).get_function("flag_spin")
             watch((1,), (1,), (cp.uint64(dptr), cp.uint64(int(args.hold * 1e9))), stream=stream)
             time.sleep(0.05)
             got[f"own {size >> 20} MiB registered, kernel reading it"] = remap(fd, size, min(args.reps, int(args.hold / 0.004)))

@@ -117,21 +117,22 @@ def measure_rpc(n: int = 300) -> dict[str, float]:
             "tcp_write_4mib_s": big, "tcp_bandwidth_Bps": bw}
 
 
-#: A process serving RPC (as a rank does) for :func:`measure_dead_notice`; it prints "up" once it serves.
+#: A process serving RPC (as a rank does) for :func:`measure_dead_notice`; it prints its port once it serves
+#: (it imports no more than a rank's RPC server needs: a larger process takes longer to tear down).
 _DYING_SERVER = """
 import sys
 from mooncake_real.rpc import RpcServer
 s = RpcServer("127.0.0.1")
-port = int(sys.argv[1])
-if s.bind(port).ok and s.serve(port, lambda method, payload: payload):
-    print("up", flush=True)
+port = next((p for p in range(24700, 24800) if s.bind(p).ok), 0)  # as _bind_free, without importing calibrate
+if port and s.serve(port, lambda method, payload: payload):
+    print(port, flush=True)
     sys.stdin.read()
 """
 
 
 def measure_dead_notice(trials: int = 7) -> dict[str, float]:
     """How long a killed process's RPC port keeps taking requests: SIGKILL a process serving RPC, then probe
-    its port every 0.2 ms until a connection is refused (median over ``trials``). A call sent on a cached
+    its port (it prints the one it bound) every 0.2 ms until a connection is refused (median over ``trials``). A call sent on a cached
     connection within that window goes out as if the peer were alive, and the real client only learns
     otherwise at its next port probe, ``DEAD_PEER_CHECK_S`` later (docs/parity.md, "tenth session")."""
     import signal
@@ -147,16 +148,18 @@ def measure_dead_notice(trials: int = 7) -> dict[str, float]:
         except OSError:
             return False
 
+    from .launcher import child_pythonpath
+
     got = []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env = dict(os.environ, PYTHONPATH=child_pythonpath(os.environ))
     for _ in range(trials):
-        port = _free_port()
-        proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER, str(port)], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-c", _DYING_SERVER], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         try:
-            if proc.stdout is None or proc.stdout.readline().strip() != b"up":
+            line = proc.stdout.readline().strip() if proc.stdout is not None else b""
+            if not line.isdigit():
                 continue
+            port = int(line)
             t0 = time.perf_counter()
             os.kill(proc.pid, signal.SIGKILL)
             while not refused(port) and time.perf_counter() - t0 < 1.0:
@@ -166,14 +169,6 @@ def measure_dead_notice(trials: int = 7) -> dict[str, float]:
             proc.kill()
             proc.wait()
     return {"dead_notice_s": statistics.median(got)} if got else {}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def measure_shm(n: int = 200) -> dict[str, float]:
@@ -762,11 +757,16 @@ def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, 
 UNSTEADY_FACTOR = 1.3
 
 
+def speed_changed(a_s: float, b_s: float) -> bool:
+    """Whether two store round trips of one host differ by more than :data:`UNSTEADY_FACTOR`."""
+    lo, hi = sorted((a_s, b_s))
+    return lo > 0 and hi / lo > UNSTEADY_FACTOR
+
+
 def unsteady(first_s: float, last_s: float) -> str | None:
     """A warning when the host's speed changed while ``calibrate`` ran (a freshly started machine can run
     its first minutes at half speed), judged by the store round trip at the start and at the end."""
-    lo, hi = sorted((first_s, last_s))
-    if lo <= 0 or hi / lo <= UNSTEADY_FACTOR:
+    if not speed_changed(first_s, last_s):
         return None
     return (f"the host's speed changed while calibrating (store round trip {first_s * 1e6:.0f} us at the start, "
             f"{last_s * 1e6:.0f} us at the end): the in-job figures may not describe it; run calibrate again "

@@ -48,6 +48,12 @@ from .store import StoreClient, StoreServer
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
+def child_pythonpath(env: Mapping[str, str], extra: Sequence[str] = ()) -> str:
+    """``PYTHONPATH`` for a child Python process: this package first (it may run from a source tree), then
+    ``extra``, then what ``env`` already has."""
+    return os.pathsep.join([PACKAGE_ROOT, *extra, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+
+
 class Unrealisable(InputError):
     """The scenario needs hardware this machine does not have. The CLI prints it and exits 2."""
 
@@ -292,8 +298,7 @@ def launch(
                 blockers.append(b)
                 event("hold_port", port=port)
             child_env = dict(os.environ if env is None else env)
-            child_env["PYTHONPATH"] = os.pathsep.join(
-                [PACKAGE_ROOT, *pythonpath, *([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else [])])
+            child_env["PYTHONPATH"] = child_pythonpath(child_env, pythonpath)
             child_env.setdefault("PYTHONUNBUFFERED", "1")
             for r in range(world_size):
                 pause = faults.pause_at.get(r)

@@ -808,6 +808,17 @@ class Simulation:
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)
 
+    def still_taking(self, owner: int) -> bool:
+        """Calibrated ``dead_notice_s`` (with ``dead_peer_check_s``): whether rank ``owner`` died so recently
+        that its port still takes requests (its process is being torn down). A TCP WRITE sent to it then goes
+        out on the open connection and fails at the real client's next port probe, not at once. (A first
+        call would probe before sending and be refused; in a job the connections are open long before a kill.)"""
+        cal = self.cal
+        if not cal.dead_notice_s or not cal.dead_peer_check_s or not 0 <= owner < len(self.ranks):
+            return False
+        died = self.ranks[owner].died_at
+        return died is not None and self.env.now - died < cal.dead_notice_s
+
     def notice_dead(self, owner: SimRank, t0: float) -> SimGen:
         """Calibrated ``dead_peer_check_s``: whether ``owner`` died with a call sent at ``t0`` in flight. If so the
         caller waits for its reply in slices of that length and probes the port after each; the probe after

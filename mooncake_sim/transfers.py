@@ -146,7 +146,7 @@ class TransferModel:
                 if plan is None:
                     plan = self._plan_static(r, w)
             if isinstance(plan, str):
-                if plan == "peer-dead" and w.transport == "tcp" and self._still_taking(o):
+                if plan == "peer-dead" and w.transport == "tcp" and sim.still_taking(o):
                     # the dying rank's port still takes the request: it fails at the caller's next probe
                     if threads:
                         self._via_thread(r, (bid, i, w, None, (), 0.0, 0.0))
@@ -203,17 +203,6 @@ class TransferModel:
             b.pending -= 1
             self.sim.ranks[b.owner].epoch += 1  # its batch's statuses changed (Simulation.dirty_written)
             self.sim.dirty(b.owner)
-
-    def _still_taking(self, owner: int) -> bool:
-        """Calibrated ``dead_notice_s`` (with ``dead_peer_check_s``): whether rank ``owner`` died so recently
-        that its port still takes requests (its process is being torn down). A TCP WRITE sent to it then goes
-        out on the open connection and fails at the real client's next port probe, not at once. (A first
-        call would probe before sending and be refused; in a job the connections are open long before a kill.)"""
-        cal = self.sim.cal
-        if not cal.dead_notice_s or not cal.dead_peer_check_s or not 0 <= owner < len(self.sim.ranks):
-            return False
-        died = self.sim.ranks[owner].died_at
-        return died is not None and self.sim.env.now - died < cal.dead_notice_s
 
     def _land(self, bid: int, items: list[tuple[int, fx.WriteReq, bytes, Links]]) -> None:
         sim = self.sim
@@ -384,8 +373,8 @@ class TransferModel:
         env = self.sim.env
         while True:
             bid, i, w, payload, edges, lat, cap = yield q.get()
-            if payload is None or (w.transport == "tcp" and self._still_taking(w.dst_owner)):
-                # sent to a rank that had just died (_still_taking, at submit or now): no answer until the probe
+            if payload is None or (w.transport == "tcp" and self.sim.still_taking(w.dst_owner)):
+                # sent to a rank that had just died (still_taking, at submit or now): no answer until the probe
                 yield env.timeout(self.sim.cal.dead_peer_check_s or 0.0)
                 self._fail(bid, i, "peer-dead")
                 continue

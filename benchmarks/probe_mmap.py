@@ -13,6 +13,15 @@ under these conditions, one after another in one process, ``--reps`` times each:
   driver's ``stream_sync`` does;
 * ``kernel+poll+other``: the same while another process also keeps a kernel resident (two contexts
   time-slicing the GPU, as two ranks sharing it during a collective);
+* ``kernel+poll+other <activity>``: the same while another process keeps a kernel resident *and* runs one
+  CUDA activity in a loop, as the other rank sharing the GPU does while this rank's first WRITEs map
+  segments: ``load`` (a fresh module from CuPy's disk cache each time, as kernel preloading does),
+  ``launch`` (an empty kernel, then a stream synchronize), ``ipc-open`` (``cudaIpcOpenMemHandle`` and
+  close of a buffer this process exports, as a first NVLink WRITE does), ``register`` (``cudaHostRegister``
+  and release of a 64 MiB segment); ``(no kernel there)``: the same activity from a process without a
+  kernel of its own resident. Each activity's round times (the first one apart) go to stderr;
+* ``kernel+poll, thread <activity>``: a thread of this process runs ``load`` or ``launch`` in a loop
+  instead (beside this process's own resident kernel and poller, no other process);
 * ``registered``: no kernel, while another thread page-locks (``cudaHostRegister``) and releases a 64 MiB
   segment over and over, as a rank registering host regions does;
 * ``own N MiB`` (``registered``): a second view of a segment this process has mapped (and page-locked with
@@ -41,7 +50,10 @@ import time
 from typing import Any
 
 # the kernels of the time-slicing probe: hold(ns) spins until its time is up, flag_spin(flag, ns) while *flag == 1
-from probe_timeslice import HOLD_SOURCE
+from probe_timeslice import HOLD_SOURCE, LOAD_SOURCE, _warm
+
+#: the CUDA activities another process (or a thread of this one) loops over while segments are mapped
+ACTIVITIES = ("load", "launch", "ipc-open", "register")
 
 SEGMENT = 1 << 20
 
@@ -94,6 +106,69 @@ def _other(hold_s: float, ready: Any) -> None:
     s.synchronize()
 
 
+def activity_loop(cp: Any, what: str, stop: Any, tags: list[str], handle: bytes | None) -> list[float]:
+    """Run one CUDA activity over and over until ``stop`` is set; the seconds each round took."""
+    n = 0
+    took: list[float] = []
+    if what == "launch":
+        empty = cp.RawModule(code=HOLD_SOURCE).get_function("empty")
+        s = cp.cuda.Stream(non_blocking=True)
+    elif what == "register":
+        import numpy as np
+
+        buf = mmap.mmap(-1, 64 << 20)
+        view = np.frombuffer(buf, dtype=np.uint8)
+        ptr = int(view.ctypes.data)
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        if what == "load":
+            if n >= len(tags):
+                break
+            cp.RawModule(code=LOAD_SOURCE.format(tag=tags[n])).get_function(f"cold_{tags[n]}")
+        elif what == "launch":
+            empty((1,), (1,), (), stream=s)
+            s.synchronize()
+        elif what == "ipc-open":
+            assert handle is not None
+            p = cp.cuda.runtime.ipcOpenMemHandle(handle, 1)
+            cp.cuda.runtime.ipcCloseMemHandle(p)
+        elif what == "register":
+            cp.cuda.runtime.hostRegister(ptr, 64 << 20, 0)
+            cp.cuda.runtime.hostUnregister(ptr)
+        n += 1
+        took.append(time.perf_counter() - t0)
+        time.sleep(0.0005)
+    return took
+
+
+def describe(took: list[float]) -> str:
+    """``n`` rounds, the first one's time and the others' median and maximum (ms)."""
+    if not took:
+        return "no round"
+    rest = sorted(took[1:])
+    more = f", the others median {statistics.median(rest) * 1e3:.2f} max {rest[-1] * 1e3:.2f} ms" if rest else ""
+    return f"{len(took)} rounds, the first {took[0] * 1e3:.2f} ms{more}"
+
+
+def _busy_other(hold_s: float, what: str, tags: list[str], handle: bytes | None, ready: Any, stop: Any,
+                own: bool) -> None:
+    """Another process: keep a kernel resident for ``hold_s`` (``own``) and loop over one CUDA activity until
+    ``stop``."""
+    import cupy as cp
+
+    k = cp.RawModule(code=HOLD_SOURCE).get_function("hold")
+    s = cp.cuda.Stream(non_blocking=True)
+    k((1,), (1,), (cp.uint64(1000),), stream=s)
+    s.synchronize()
+    if own:
+        k((1,), (1,), (cp.uint64(int(hold_s * 1e9)),), stream=s)
+    ready.set()
+    took = activity_loop(cp, what, stop, tags, handle)
+    print(f"probe_mmap: other process ({'its own kernel resident' if own else 'no kernel of its own'}), {what}: "
+          f"{describe(took)}", file=sys.stderr, flush=True)
+    s.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=40)
@@ -142,6 +217,44 @@ def main(argv: list[str] | None = None) -> int:
     ready.wait(60)
     resident("kernel+poll+other", poll=True)
     other.join(args.hold + 30)
+    # the other rank's CUDA work while this one maps segments: each activity beside a busy context, from
+    # another process and from a thread of this one
+    nonce = f"{time.time_ns():x}"
+    loops = 200  # modules per loader (a loop that runs out of them stops)
+    tags = {where: [f"{nonce}_{where}_{j}" for j in range(loops)] for where in ("process", "idle", "thread")}
+    warm = ctx.Process(target=_warm, args=([t for ts in tags.values() for t in ts],))
+    warm.start()
+    warm.join(900)
+    exported = cp.cuda.alloc(1 << 20)
+    handle = bytes(cp.cuda.runtime.ipcGetMemHandle(exported.ptr))
+    for own in (True, False):
+        for what in ACTIVITIES:
+            if what == "load" and warm.exitcode != 0:
+                print(f"probe_mmap: compiling the load modules failed (exit {warm.exitcode}); load skipped", file=sys.stderr)
+                continue
+            ready, done = ctx.Event(), ctx.Event()
+            other = ctx.Process(target=_busy_other, args=(args.hold + 2.0, what, tags["process" if own else "idle"],
+                                                          handle, ready, done, own))
+            other.start()
+            ready.wait(60)
+            time.sleep(0.05)
+            resident(f"kernel+poll+other {what}{'' if own else ' (no kernel there)'}", poll=True)
+            done.set()
+            other.join(args.hold + 30)
+    for what in ("load", "launch"):
+        if what == "load" and warm.exitcode != 0:
+            continue
+        stop_t = threading.Event()
+        took_t: list[float] = []
+        th = threading.Thread(target=lambda w=what, st=stop_t, out=took_t: out.extend(activity_loop(cp, w, st, tags["thread"], None)),
+                              daemon=True)
+        th.start()
+        time.sleep(0.05)
+        resident(f"kernel+poll, thread {what}", poll=True)
+        stop_t.set()
+        th.join()
+        print(f"probe_mmap: a thread of this process (its kernel resident), {what}: {describe(took_t)}", file=sys.stderr,
+              flush=True)
     stop = threading.Event()
 
     def register_loop() -> None:

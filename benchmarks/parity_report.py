@@ -27,6 +27,14 @@ does, and warns (stderr, and below the table) when either differs from the file'
 the host then runs at another speed than when it was calibrated, and every simulated time is off with it.
 It also holds the file against itself first (stderr, :func:`self_check`): the simulated bootstrap of the
 job ``calibrate`` ran at each rank count, over the bootstrap that job measured then.
+
+With ``--repeat K`` the real runs go in K rounds, each running every scenario once, so that a few slow
+minutes of the host fall on every scenario a little rather than on one scenario's runs all. With a
+calibration, each round also runs the job ``calibrate`` measured (its largest rank count, a real run of
+about a second) and prints its bootstrap over the one the file recorded (:func:`host_speed`): on a lent
+H100 host the same 8-rank bootstrap took a median 74 ms in one report and 34 ms in the next, ten minutes
+apart (docs/parity.md), so this says how far the host has moved from the file while the report ran. Below the table: the rounds'
+factors and their median, with a warning when the median is off by more than 1.3 times.
 """
 
 from __future__ import annotations
@@ -210,6 +218,62 @@ def self_check(path: str, cal: Any, seeds: int = SIM_SEEDS) -> list[str]:
     return lines
 
 
+def reference_job(path: str) -> tuple[int, float] | None:
+    """The calibration's own job to measure the host's speed by: its largest rank count whose bootstrap it
+    recorded (``in_situ_r<N>_bootstrap_s``) and that bootstrap, or None."""
+    m = _measured(path)
+    got = []
+    for key, value in m.items():
+        head, _, tail = key.partition("_bootstrap_s")
+        if head.startswith("in_situ_r") and not tail and head[len("in_situ_r"):].isdigit():
+            if isinstance(value, (int, float)) and value > 0:
+                got.append((int(head[len("in_situ_r"):]), float(value)))
+    return max(got) if got else None
+
+
+def host_speed(ranks: int) -> float | None:
+    """One real run of ``calibrate``'s job at ``ranks`` ranks now: its bootstrap phase (the longest rank's
+    span, as ``calibrate`` records it), or None when the run did not complete."""
+    import tempfile
+
+    from mooncake_real.calibrate import IN_SITU_SCENARIO, bootstrap_spans, in_situ_scenario
+    from mooncake_real.runner import run_job, run_record
+
+    with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
+        sc = load_scenario(in_situ_scenario(ranks, where, IN_SITU_SCENARIO))
+        res = run_job(sc)
+        if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
+            return None
+        spans = bootstrap_spans(run_record(res, sc).phase_times)
+    return max(spans) if spans else None
+
+
+def speed_summary(then_s: float, ranks: int, now_s: list[float | None]) -> tuple[list[str], str | None]:
+    """Lines for the reference job's rounds (its bootstrap now over the calibration's), and a warning when
+    their median differs from 1 by more than ``UNSTEADY_FACTOR``."""
+    from mooncake_real.calibrate import speed_changed
+
+    got = [x for x in now_s if x is not None]
+    if not got:
+        return [], None
+    factors = " ".join("-" if x is None else f"{x / then_s:.2f}" for x in now_s)
+    med = statistics.median(got)
+    lines = [f"host speed: the calibration's own {ranks}-rank job, bootstrap now over then ({then_s * 1e3:.1f} ms), "
+             f"per round: {factors}; median {med / then_s:.2f}"]
+    warning = None
+    if speed_changed(then_s, med):
+        warning = (f"parity_report: warning: the calibration's own {ranks}-rank job bootstrapped in {med * 1e3:.1f} ms "
+                   f"(median of the rounds) against {then_s * 1e3:.1f} ms when the file was made: the host ran at "
+                   "another speed during this report, and the bootstrap cells say as much about that as about "
+                   "the model")
+    return lines, warning
+
+
+def run_order(names: list[str], repeat: int) -> list[tuple[str, int]]:
+    """The real runs in rounds: (scenario, k) for k in 0..repeat-1, every scenario once per round."""
+    return [(name, k) for k in range(repeat) for name in names]
+
+
 def host_ping() -> float:
     """This host's store round trip now (as ``mooncake-real calibrate`` measures it)."""
     from mooncake_real.calibrate import measure_store
@@ -246,24 +310,44 @@ def main(argv: list[str] | None = None) -> int:
         if w:
             warnings.append(w)
             print(w, file=sys.stderr, flush=True)
+    names = list(args.only or selected(args.gpu))
+    ref = reference_job(args.calibration) if args.calibration and args.repeat > 1 else None
+    speeds: list[float | None] = []
+    done: dict[str, list[ParityResult]] = {name: [] for name in names}
+    for name, k in run_order(names, args.repeat):
+        if done[name] and done[name][-1].status in ("unrealisable", "real-failed"):
+            continue
+        if ref is not None and name == names[0]:
+            speeds.append(host_speed(ref[0]))
+            print(f"... round {k + 1}/{args.repeat}: the calibration's own {ref[0]}-rank job bootstrapped in "
+                  + ("-" if speeds[-1] is None else f"{speeds[-1] * 1e3:.1f} ms") + f" ({ref[1] * 1e3:.1f} ms then)",
+                  file=sys.stderr, flush=True)
+        print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
+        keep = f"{args.keep}/{name}-{k + 1}" if args.keep else None
+        done[name].append(parity(name, calibration=cal, spread_seed=k, trace_dir=keep))
     rows = []
-    for name in args.only or selected(args.gpu):
-        runs = []
-        for k in range(args.repeat):
-            print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
-            keep = f"{args.keep}/{name}-{k + 1}" if args.keep else None
-            runs.append(parity(name, calibration=cal, spread_seed=k, trace_dir=keep))
-            if runs[-1].status in ("unrealisable", "real-failed"):
-                break
+    for name in names:
+        runs = done[name]
         extra = []
         if runs[-1].status in ("equal", "differ"):
             extra = [sim_only(name, cal, seed) for seed in range(len(runs), sim_seeds)]
         rows.append(row(runs, extra))
+    speed_lines: list[str] = []
+    if ref is not None:
+        speed_lines, w = speed_summary(ref[1], ref[0], speeds)
+        for line in speed_lines:
+            print(f"parity_report: {line}", file=sys.stderr, flush=True)
+        if w:
+            warnings.append(w)
+            print(w, file=sys.stderr, flush=True)
     if then:
         w = drift_warning(then, host_ping(), "at the end")
         if w:
             warnings.append(w)
             print(w, file=sys.stderr, flush=True)
+    if ref is not None:  # the same for every row: the rows stay a list, as before
+        for r in rows:
+            r["host_speed"] = {"ranks": ref[0], "then_s": ref[1], "rounds_s": speeds}
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -304,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")
+        for line in speed_lines:
+            print(f"\n{line}")
         for w in warnings:
             print(w)
     bad = [r for r in rows if r["status"] not in ("equal", "unrealisable")]

@@ -217,6 +217,33 @@ def test_report_warns_when_the_host_runs_at_another_speed_than_calibrated(tmp_pa
     assert 0 < parity_report.host_ping() < 0.1
 
 
+@pytest.mark.timeout(60)
+def test_report_runs_in_rounds_and_measures_the_host_by_the_calibrations_own_job(tmp_path: object) -> None:
+    """parity_report: with --repeat K every scenario runs once per round (host drift spreads over all of them),
+    and the job calibrate measured, run again now, says how fast the host runs against the file."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    assert parity_report.run_order(["a", "b"], 3) == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert parity_report.run_order(["a"], 1) == [("a", 0)]
+    path = Path(str(tmp_path)) / "cal.json"
+    path.write_text(json.dumps({"sim": {}, "measured": {
+        "in_situ_r2_bootstrap_s": 0.02, "in_situ_r8_bootstrap_s": 0.05, "in_situ_r4_bootstrap_s": 0.03,
+        "in_situ_r8_store_op_s": 1e-4, "in_situ_cuda_r8_bootstrap_s": 0.09}}))
+    assert parity_report.reference_job(str(path)) == (8, 0.05)  # the largest CPU job, not the CUDA one
+    path.write_text(json.dumps({"sim": {}, "measured": {"store_ping_rtt_s": 1e-4}}))
+    assert parity_report.reference_job(str(path)) is None  # an older file: nothing to measure by
+    lines, warning = parity_report.speed_summary(0.05, 8, [0.055, None, 0.06])
+    assert "per round: 1.10 - 1.20; median 1.15" in lines[0] and warning is None
+    lines, warning = parity_report.speed_summary(0.05, 8, [0.08, 0.07, 0.075])
+    assert warning is not None and "75.0 ms" in warning and "50.0 ms" in warning
+    assert parity_report.speed_summary(0.05, 8, [None]) == ([], None)
+    now = parity_report.host_speed(2)  # one real 2-rank run of the calibration's job on this host
+    assert now is not None and 0 < now < 5
+
+
 def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:
     """benchmarks/probe_mmap.py: one map of a fresh segment is timed and leaves nothing in /dev/shm; without
     CuPy and a GPU the script exits 2 with one line after its plain series."""

@@ -255,6 +255,8 @@ def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:
     import probe_mmap
 
     assert 0 < probe_mmap.map_once("test") < 1.0
+    assert probe_mmap.describe([0.005, 0.001, 0.002]) == "3 rounds, the first 5.00 ms, the others median 1.50 max 2.00 ms"
+    assert probe_mmap.describe([0.005]) == "1 rounds, the first 5.00 ms" and probe_mmap.describe([]) == "no round"
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"mooncake-probe-mmap-{os.getpid()}")]
     try:
         import cupy  # noqa: F401

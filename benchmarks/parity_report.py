@@ -30,11 +30,12 @@ job ``calibrate`` ran at each rank count, over the bootstrap that job measured t
 
 With ``--repeat K`` the real runs go in K rounds, each running every scenario once, so that a few slow
 minutes of the host fall on every scenario a little rather than on one scenario's runs all. With a
-calibration, each round also runs the job ``calibrate`` measured (its largest rank count, a real run of
-about a second) and prints its bootstrap over the one the file recorded (:func:`host_speed`): on a lent
-H100 host the same 8-rank bootstrap took a median 74 ms in one report and 34 ms in the next, ten minutes
-apart (docs/parity.md), so this says how far the host has moved from the file while the report ran. Below the table: the rounds'
-factors and their median, with a warning when the median is off by more than 1.3 times.
+calibration and K above 1, each round first runs the job ``calibrate`` measured again (its largest rank
+count, a real run of about a second) and prints its bootstrap over the one the file recorded
+(:func:`host_speed`): on a lent H100 host the same 8-rank bootstrap took a median 74 ms in one report and
+34 ms in the next, ten minutes apart (docs/parity.md), so this says how far the host has moved from the
+file while the report ran. Below the table: the rounds' factors and their median, with a warning when the
+median is off by more than 1.3 times.
 """
 
 from __future__ import annotations
@@ -315,13 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     speeds: list[float | None] = []
     done: dict[str, list[ParityResult]] = {name: [] for name in names}
     for name, k in run_order(names, args.repeat):
-        if done[name] and done[name][-1].status in ("unrealisable", "real-failed"):
-            continue
-        if ref is not None and name == names[0]:
+        if ref is not None and len(speeds) == k:  # a round starts: the host's speed first
             speeds.append(host_speed(ref[0]))
             print(f"... round {k + 1}/{args.repeat}: the calibration's own {ref[0]}-rank job bootstrapped in "
                   + ("-" if speeds[-1] is None else f"{speeds[-1] * 1e3:.1f} ms") + f" ({ref[1] * 1e3:.1f} ms then)",
                   file=sys.stderr, flush=True)
+        if done[name] and done[name][-1].status in ("unrealisable", "real-failed"):
+            continue
         print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
         keep = f"{args.keep}/{name}-{k + 1}" if args.keep else None
         done[name].append(parity(name, calibration=cal, spread_seed=k, trace_dir=keep))

@@ -8,6 +8,9 @@ up: every kernel here ends by itself, at most ``--hold`` seconds after launch):
 
 * ``launch``: an empty kernel launched and waited for (``stream.synchronize``);
 * ``d2h``: a 4-byte device-to-host ``cudaMemcpyAsync`` and its wait (``d2d``: device to device);
+* ``burst3``: three SM steps queued back to back on one stream (a device-to-device copy, an empty kernel,
+  another copy) and one wait for all: whether steps that follow each other share a slice, as a
+  collective's tail (memset, reduce kernel, copy out) does once its spin kernel ends;
 * ``load``: a module (one empty kernel, new each step) loaded from CuPy's disk cache, compiled beforehand by
   another process: what a lazily loaded kernel's first launch costs (the spin kernel's, a reduce kernel's);
 * ``flag``: the collective's pattern: a spin kernel of this process polls a mapped host flag; the host
@@ -17,7 +20,7 @@ up: every kernel here ends by itself, at most ``--hold`` seconds after launch):
 With ``--own`` each case is measured again with a kernel of this process resident as well (on another
 stream, as a rank's spin kernel is during a collective). Back-to-back steps start in lockstep with the
 slices (each begins right after the last one's wait); ``--jitter MS`` sleeps a random 0..MS ms (seeded)
-before each ``launch`` and ``d2d`` step instead, so those steps arrive at random phases of the rotation.
+before each ``launch``, ``d2d`` and ``burst3`` step instead, so those steps arrive at random phases of the rotation.
 It prints, per case, the mean, 10th percentile, median, 90th percentile and maximum over ``--reps``
 repetitions (milliseconds), and with ``--json`` the raw samples.
 
@@ -121,7 +124,7 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             own_stream = cp.cuda.Stream(non_blocking=True)
             mod.get_function("hold")((1,), (1,), (cp.uint64(int(hold_s * 0.9 * 1e9)),), stream=own_stream)
         time.sleep(0.05 if others or own else 0.0)  # the kernels are resident
-        out: dict[str, list[float]] = {"launch": [], "d2h": [], "d2d": [], "flag": [], "load": []}
+        out: dict[str, list[float]] = {"launch": [], "d2h": [], "d2d": [], "burst3": [], "flag": [], "load": []}
         t_end = time.monotonic() + hold_s * 0.8
         for rep in range(reps):
             if (others or own) and time.monotonic() > t_end:
@@ -148,6 +151,14 @@ def measure(cp: Any, device: int, others: int, reps: int, hold_s: float, own: bo
             cp.cuda.runtime.memcpyAsync(small2.data.ptr, small.data.ptr, 4, 3, stream.ptr)  # D2D
             stream.synchronize()
             out["d2d"].append(time.perf_counter() - t0)
+            if jitter_s:
+                time.sleep(rng.uniform(0.0, jitter_s))
+            t0 = time.perf_counter()  # three SM steps queued back to back on one stream, as a collective's tail
+            cp.cuda.runtime.memcpyAsync(small2.data.ptr, small.data.ptr, 4, 3, stream.ptr)
+            empty((1,), (1,), (), stream=stream)
+            cp.cuda.runtime.memcpyAsync(small.data.ptr, small2.data.ptr, 4, 3, stream.ptr)
+            stream.synchronize()
+            out["burst3"].append(time.perf_counter() - t0)
             flag[0] = 1
             flag_spin((1,), (1,), (cp.uint64(dev_flag), cp.uint64(int(FLAG_TIMEOUT_S * 1e9))), stream=stream)
             time.sleep(0.002)  # the kernel gets going (or queued behind the others' time slices)

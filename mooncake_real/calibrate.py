@@ -593,7 +593,64 @@ def measure_gpu() -> dict[str, float]:
     except Exception as exc:  # noqa: BLE001 - report, do not fail the calibration
         out["ipc_error"] = 0.0
         print(f"calibrate: CUDA IPC not measured: {exc}", file=sys.stderr)
+    out.update(measure_timeslice(cp))
     return out
+
+
+#: A kernel that spins on the GPU's clock until ``ns`` have passed: it ends by itself.
+HOLD_KERNEL = r"""extern "C" __global__ void hold(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
+}"""
+TIMESLICE_REPS = 60
+
+
+def measure_timeslice(cp: Any, reps: int = TIMESLICE_REPS, hold_s: float = 3.0) -> dict[str, float]:
+    """The GPU's time slice between processes (``gpu_timeslice_s``), as ``benchmarks/probe_timeslice.py
+    --jitter`` measures it: with one other process keeping a kernel resident and a kernel of this process
+    resident too (a rank's spin kernel), a 4-byte device-to-device copy submitted at a random moment waits
+    for this context's next slice, uniform over 0..2T, so the mean wait is T. Each kernel ends by itself
+    after ``hold_s``. {} when the other process does not start."""
+    import random
+    import subprocess
+
+    code = ("import sys,cupy as cp\n"
+            "k=cp.RawModule(code=sys.argv[1]).get_function('hold');s=cp.cuda.Stream(non_blocking=True)\n"
+            "k((1,),(1,),(cp.uint64(1000),),stream=s);s.synchronize()\n"
+            "k((1,),(1,),(cp.uint64(int(float(sys.argv[2])*1e9)),),stream=s);print('ready',flush=True);s.synchronize()")
+    hold = cp.RawModule(code=HOLD_KERNEL).get_function("hold")
+    a, b = cp.zeros(1, dtype=cp.int32), cp.zeros(1, dtype=cp.int32)
+    stream, own = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+
+    def copy() -> float:
+        t0 = time.perf_counter()
+        cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, 4, 3, stream.ptr)  # device to device
+        stream.synchronize()
+        return time.perf_counter() - t0
+
+    copy()
+    alone = statistics.median(copy() for _ in range(20))
+    other = subprocess.Popen([sys.executable, "-c", code, HOLD_KERNEL, str(hold_s + 1.0)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout is not None
+        if other.stdout.readline().strip() != "ready":
+            return {}
+        hold((1,), (1,), (cp.uint64(int(hold_s * 1e9)),), stream=own)
+        time.sleep(0.05)
+        rng, waits = random.Random(0), list[float]()
+        t_end = time.monotonic() + hold_s * 0.8
+        while len(waits) < reps and time.monotonic() < t_end:  # only while both kernels are resident
+            time.sleep(rng.uniform(0.0, 0.005))
+            waits.append(copy())
+        own.synchronize()
+    finally:
+        other.wait(hold_s + 30)
+    if len(waits) < reps // 2:
+        return {}
+    return {"timeslice_copy_alone_s": alone, "timeslice_copy_wait_s": statistics.fmean(waits),
+            "gpu_timeslice_s": max(statistics.fmean(waits) - alone, 0.0)}
 
 
 # ----------------------------------------------------------------------------- measured -> sim
@@ -638,8 +695,8 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "dead_peer_check_s": DEAD_PEER_CHECK_S,  # rpc.py: how often a waiting call probes the server's port
         "dead_notice_s": m.get("dead_notice_s"),  # a killed process's port takes requests this long
         "rank_spread": None,  # likewise
-        # not measured here (benchmarks/probe_timeslice.py does; a file may carry it by hand): the model is off
-        "gpu_timeslice_s": None,
+        # a copy's mean wait beside one other busy context, its own kernel resident (measure_timeslice)
+        "gpu_timeslice_s": m.get("gpu_timeslice_s"),
         "nvlink_same_gpu_s": None,  # measured inside a CUDA job only (sim_cuda_by_ranks)
         "ipc_open_s": None,  # likewise
         "first_kernel_s": m.get("first_kernel_s"),  # a fresh process's first kernel less a later one (alone)

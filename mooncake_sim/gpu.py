@@ -21,8 +21,12 @@ lazy-loading hazard is per context, as the H100 probe showed). Facts modelled (l
   device-to-device copies, memsets) arriving at a random moment, with k other contexts holding a resident
   kernel: a context that has a kernel resident itself waits for its next slice, uniform in 0..(k+1)T; an
   idle context starts at once beside one busy context and waits T + uniform 0..kT beside two or more. A
-  resident spin kernel sees its flag cleared at its context's next slice (0..(k+1)T). Host-to-device and
-  device-to-host copies run on the copy engines and do not wait. The draws come from a seeded generator.
+  resident spin kernel sees its flag cleared at its context's next slice (0..(k+1)T). SM work queued behind
+  SM work of its context that has just finished runs on in that slice without a wait of its own (the probe's
+  ``burst3``: three steps queued back to back on one stream waited as long as one step), so a collective's
+  tail (memset, reduce kernel, copy out) waits once, when its spin kernel ends. Host-to-device and
+  device-to-host copies run on the copy engines and do not wait, nor does an NVLink copy whose latency was
+  measured inside a job (``nvlink_same_gpu_s``: it holds its waits). The draws come from a seeded generator.
 
 Rules: the model never decides protocol behaviour; it only delays or holds device work and reports, for a
 hang dump, which resource holds what.
@@ -94,6 +98,9 @@ class Context:
         self.spins: dict[tuple[int, int], Op] = {}  # (table rid, slot) -> resident spin op
         self.events: dict[int, Op] = {}
         self.next_event = 1
+        #: when SM work of this context last finished, and the sequence number of the next op submitted then:
+        #: work already queued at that moment runs on in that slice
+        self.slice_at, self.slice_seq = -1.0, 0
 
     # ------------------------------------------------------------ queueing
 
@@ -134,7 +141,8 @@ class Context:
                 continue
             if op.sm and not op.sliced:
                 op.sliced = True
-                op.ready_t = max(op.ready_t, self.env.now + self.model.slice_wait(self))
+                if self.slice_at != self.env.now or op.seq >= self.slice_seq:  # not queued behind SM work just ended
+                    op.ready_t = max(op.ready_t, self.env.now + self.model.slice_wait(self))
             if op.ready_t > self.env.now:
                 if not op.wake_set:
                     op.wake_set = True
@@ -191,6 +199,8 @@ class Context:
         if op.finished:
             return
         op.finished = True
+        if op.sm:
+            self.slice_at, self.slice_seq = self.env.now, self.next_seq
         self.unfinished.pop(op.seq, None)
         self.running_kernels.discard(op)
         s = self.streams[op.stream]

@@ -62,10 +62,6 @@ def load_calibration(path: str) -> Calibration:
                 raise InputError(path, f"{where}.{k}", f"unknown constant (known: {', '.join(known)}); regenerate the file with `mooncake-real calibrate`")
             if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0):
                 raise InputError(path, f"{where}.{k}", f"must be a non-negative number, got {v!r}; regenerate the file with `mooncake-real calibrate`")
-    sliced = [w for w, sec in sections if sec.get("gpu_timeslice_s") is not None]
-    if sliced and any(sec.get("nvlink_same_gpu_s") is not None for _, sec in sections):
-        raise InputError(path, f"{sliced[0]}.gpu_timeslice_s", "cannot be set with nvlink_same_gpu_s, whose in-job copies "
-                         "already include the time-slice waits; set gpu_timeslice_s to null")
     return Calibration.from_dict(data["sim"], tables["sim_by_ranks"], tables["sim_cuda_by_ranks"])
 
 

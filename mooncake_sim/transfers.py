@@ -155,7 +155,7 @@ class TransferModel:
                     continue
                 self._fail_later(bid, i, plan, FAIL_LATENCY_S)
                 continue
-            lat, cap, edges, cuda = plan
+            lat, cap, edges, cuda, in_job = plan
             # sizes mode moves only lengths; small control words (flags) are always carried exactly. Memory does
             # not change during a submit, so WRITEs of one source range (a sync flag to every peer) share a read
             if carry_all or length <= SMALL_PAYLOAD:
@@ -171,7 +171,7 @@ class TransferModel:
                 if cuda is not None:
                     # a copy issued through the CUDA runtime starts when its stream gets to it: it joins the
                     # links then, at the rate they have then (queued copies do not share bandwidth yet)
-                    self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda)
+                    self._via_gpu(r, bid, i, w, payload, edges, lat, cap, cuda, in_job)
                     continue
             if threads:
                 self._via_thread(r, (bid, i, w, payload, edges, lat, cap))
@@ -315,9 +315,11 @@ class TransferModel:
             c_bw = getattr(cal, f"{w.transport}_bandwidth_Bps")
             lat = lat if c_lat is None else c_lat
             cap = cap if not c_bw else c_bw
-        elif (w.transport == "nvlink" and cal.nvlink_same_gpu_s is not None
-              and self.endpoint(r, src.region) == self.endpoint(owner, dst.region)):
+        in_job = False  # the latency was measured inside a job: it holds the copy's time-slice waits already
+        if (w.transport == "nvlink" and cal.nvlink_same_gpu_s is not None
+                and self.endpoint(r, src.region) == self.endpoint(owner, dst.region)):
             lat = cal.nvlink_same_gpu_s  # measured in a job whose ranks share one GPU (docs/parity.md)
+            in_job = True
         cuda = None  # which stream the CUDA call goes to; "mnnvl": decided by the WRITE's size
         if r.env.backend == "cuda" and r.env.cuda_platform:
             if w.transport == "nvlink":
@@ -327,7 +329,7 @@ class TransferModel:
             elif w.transport == "tcp" and (r.env.engine == "tent" or src.region.kind == "device"):
                 cuda = "legacy"
         assert dst is not None
-        plan = self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda)
+        plan = self._plans[self._plan_key(r, src, owner, dst, w.transport)] = (lat, cap, edges, cuda, in_job)
         return plan
 
     def _links(self, hops: Iterable[tuple[str, str]]) -> Links:
@@ -397,11 +399,13 @@ class TransferModel:
         return lat + length / self._share(edges, cap)
 
     def _via_gpu(self, r: SimRank, bid: int, i: int, w: fx.WriteReq, payload: bytes,
-                 edges: Links, lat: float, cap: float, stream: str) -> None:
+                 edges: Links, lat: float, cap: float, stream: str, in_job: bool = False) -> None:
         ctx = self.sim.gpu.context(r.env.rank)
-        # NVLink/MNNVL copies go GPU to GPU (device to device: SM work); TCP staging copies go to host memory
+        # NVLink/MNNVL copies go GPU to GPU (device to device: SM work, which waits for its context's time slice);
+        # TCP staging copies go to host memory; a copy whose latency was measured inside a job (``in_job``:
+        # nvlink_same_gpu_s) holds its waits already
         op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)",
-                sm=w.transport in ("nvlink", "mnnvl"))
+                sm=w.transport in ("nvlink", "mnnvl") and not in_job)
 
         opens = w.transport == "nvlink" and w.dst_owner != r.env.rank and self.sim.cal.ipc_open_s
 

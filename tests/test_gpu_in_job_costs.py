@@ -11,7 +11,6 @@ import pytest
 import simpy
 
 from mooncake_protocol.canonical import canonical
-from mooncake_protocol.errors import InputError
 from mooncake_protocol.outcome import evaluate
 from mooncake_protocol.scenario import load_scenario
 from mooncake_real.calibrate import first_loads_of, in_situ_sim
@@ -98,15 +97,40 @@ def test_calibrate_takes_the_cuda_jobs_nvlink_writes() -> None:
     assert "nvlink_same_gpu_s" not in in_situ_sim({"in_situ_effect_s": 1e-4}, alone)  # type: ignore[arg-type]
 
 
-def test_a_file_with_both_the_time_slice_and_in_job_ipc_copies_is_refused(tmp_path: Path) -> None:
+def test_in_job_ipc_copies_do_not_wait_for_a_time_slice_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file may set both the time slice and the in-job NVLink latency: an NVLink copy whose latency is the
+    in-job figure (both ends on one GPU) holds its slice waits already and is not SM work for the model; the
+    spin kernels, memsets, reduce kernels and send-buffer copies still wait."""
+    from mooncake_sim import gpu as gpu_mod
+
     path = tmp_path / "cal.json"
     path.write_text(json.dumps({"sim": {"gpu_timeslice_s": 2.25e-3},
                                 "sim_cuda_by_ranks": {"4": {"nvlink_same_gpu_s": 2.9e-3}}}))
-    with pytest.raises(InputError) as err:
-        load_calibration(str(path))
-    assert "sim.gpu_timeslice_s" in str(err.value) and "null" in str(err.value)
-    path.write_text(json.dumps({"sim": {"gpu_timeslice_s": None}, "sim_cuda_by_ranks": {"4": {"nvlink_same_gpu_s": 2.9e-3}}}))
-    assert load_calibration(str(path)).cuda_by_ranks[4]["nvlink_same_gpu_s"] == pytest.approx(2.9e-3)
+    cal = load_calibration(str(path))
+    assert cal.gpu_timeslice_s == pytest.approx(2.25e-3)
+    seen: list[gpu_mod.Op] = []
+    enqueue = gpu_mod.Context.enqueue
+
+    def spy(self: gpu_mod.Context, op: gpu_mod.Op) -> gpu_mod.Op:
+        seen.append(op)
+        return enqueue(self, op)
+
+    monkeypatch.setattr(gpu_mod.Context, "enqueue", spy)
+    sim = Simulation(load_scenario("cuda-collectives-1gpu"), calibration=cal)
+    rec = sim.run()
+    assert rec.end_reason == "completed"
+    copies = [op for op in seen if op.desc.startswith("nvlink copy")]
+    assert copies and not any(op.sm for op in copies)
+    assert any(op.sm for op in seen if op.kind in ("kernel", "spin")) and sim.gpu.slice_waits > 0
+    from mooncake_real.calibrate import derive_sim
+
+    assert derive_sim({"gpu_timeslice_s": 2.3e-3})["gpu_timeslice_s"] == 2.3e-3  # calibrate's measure_timeslice
+    assert derive_sim({})["gpu_timeslice_s"] is None  # no GPU: the model stays off
+    seen.clear()  # without the in-job figure the same copies are SM work
+    path.write_text(json.dumps({"sim": {"gpu_timeslice_s": 2.25e-3}}))
+    Simulation(load_scenario("cuda-collectives-1gpu"), calibration=load_calibration(str(path))).run()
+    copies = [op for op in seen if op.desc.startswith("nvlink copy")]
+    assert copies and all(op.sm for op in copies)
 
 
 # ---------------------------------------------------------------- the first kernel of a process (eighth session)

@@ -635,8 +635,13 @@ def measure_timeslice(cp: Any, reps: int = TIMESLICE_REPS, hold_s: float = 3.0) 
                              stderr=subprocess.DEVNULL, text=True)
     try:
         assert other.stdout is not None
-        if other.stdout.readline().strip() != "ready":
-            return {}
+        import selectors
+
+        with selectors.DefaultSelector() as sel:  # a child that never gets going is not waited for forever
+            sel.register(other.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout=60.0) or other.stdout.readline().strip() != "ready":
+                print("calibrate: the GPU time slice not measured (the other process did not start)", file=sys.stderr)
+                return {}
         hold((1,), (1,), (cp.uint64(int(hold_s * 1e9)),), stream=own)
         time.sleep(0.05)
         rng, waits = random.Random(0), list[float]()
@@ -646,7 +651,11 @@ def measure_timeslice(cp: Any, reps: int = TIMESLICE_REPS, hold_s: float = 3.0) 
             waits.append(copy())
         own.synchronize()
     finally:
-        other.wait(hold_s + 30)
+        try:
+            other.wait(hold_s + 30)  # its kernel ends by itself within hold_s + 1 s
+        except subprocess.TimeoutExpired:
+            other.kill()
+            other.wait()
     if len(waits) < reps // 2:
         return {}
     return {"timeslice_copy_alone_s": alone, "timeslice_copy_wait_s": statistics.fmean(waits),

@@ -303,14 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
     then = calibrated_ping(args.calibration) if args.calibration else None
-    warnings = []
-    for line in self_check(args.calibration, cal) if args.calibration else []:
-        print(line, file=sys.stderr, flush=True)
-    if then:
-        w = drift_warning(then, host_ping(), "at the start")
+    warnings: list[str] = []
+
+    def warn(w: str | None) -> None:
+        """Keep a warning for below the table, and say it on stderr now."""
         if w:
             warnings.append(w)
             print(w, file=sys.stderr, flush=True)
+
+    for line in self_check(args.calibration, cal) if args.calibration else []:
+        print(line, file=sys.stderr, flush=True)
+    if then:
+        warn(drift_warning(then, host_ping(), "at the start"))
     names = list(args.only or selected(args.gpu))
     ref = reference_job(args.calibration) if args.calibration and args.repeat > 1 else None
     speeds: list[float | None] = []
@@ -338,17 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         speed_lines, w = speed_summary(ref[1], ref[0], speeds)
         for line in speed_lines:
             print(f"parity_report: {line}", file=sys.stderr, flush=True)
-        if w:
-            warnings.append(w)
-            print(w, file=sys.stderr, flush=True)
-    if then:
-        w = drift_warning(then, host_ping(), "at the end")
-        if w:
-            warnings.append(w)
-            print(w, file=sys.stderr, flush=True)
-    if ref is not None:  # the same for every row: the rows stay a list, as before
-        for r in rows:
+        warn(w)
+        for r in rows:  # the same for every row: the rows stay a list, as before
             r["host_speed"] = {"ranks": ref[0], "then_s": ref[1], "rounds_s": speeds}
+    if then:
+        warn(drift_warning(then, host_ping(), "at the end"))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

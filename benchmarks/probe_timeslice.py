@@ -40,12 +40,9 @@ import sys
 import time
 from typing import Any
 
-HOLD_SOURCE = r"""
-extern "C" __global__ void hold(unsigned long long ns) {
-    unsigned long long start, now;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
-    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
-}
+from mooncake_real.calibrate import HOLD_KERNEL  # hold(ns): spins on the GPU's clock until ns have passed
+
+HOLD_SOURCE = HOLD_KERNEL + r"""
 extern "C" __global__ void empty() {}
 extern "C" __global__ void flag_spin(volatile int* flag, unsigned long long timeout_ns) {
     unsigned long long start, now;

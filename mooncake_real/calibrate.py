@@ -613,6 +613,7 @@ def measure_timeslice(cp: Any, reps: int = TIMESLICE_REPS, hold_s: float = 3.0) 
     for this context's next slice, uniform over 0..2T, so the mean wait is T. Each kernel ends by itself
     after ``hold_s``. {} when the other process does not start."""
     import random
+    import selectors
     import subprocess
 
     code = ("import sys,cupy as cp\n"
@@ -635,8 +636,6 @@ def measure_timeslice(cp: Any, reps: int = TIMESLICE_REPS, hold_s: float = 3.0) 
                              stderr=subprocess.DEVNULL, text=True)
     try:
         assert other.stdout is not None
-        import selectors
-
         with selectors.DefaultSelector() as sel:  # a child that never gets going is not waited for forever
             sel.register(other.stdout, selectors.EVENT_READ)
             if not sel.select(timeout=60.0) or other.stdout.readline().strip() != "ready":

@@ -69,6 +69,23 @@ WAIT_POLL_MAX_S = 0.002
 _DUMP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
 
 
+
+def thread_stacks(depth: int = 8) -> dict[str, list[str]]:
+    """Every thread's innermost Python frames (``file:function:line``, innermost first), keyed ``name/tid``: a
+    thread blocked inside a C call (a CUDA call, a syscall) shows the line that made it."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out: dict[str, list[str]] = {}
+    for ident, frame in sys._current_frames().items():
+        if ident == threading.get_ident():
+            continue  # the dumping thread itself
+        frames = []
+        f: Any = frame
+        while f is not None and len(frames) < depth:
+            frames.append(f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}")
+            f = f.f_back
+        out[f"{names.get(ident, '?')}/{ident}"] = frames
+    return out
+
 @dataclass
 class RankSpec:
     """Everything a rank process needs. JSON-able (the launcher writes it to ``<job_dir>/rank<r>.spec.json``)."""
@@ -561,6 +578,7 @@ class RankDriver:
                     "rpc_served_ports": list(self.rpc_server.served_ports),
                     "gpu": gpu,
                     "trace_records": self.trace.count,
+                    "threads": thread_stacks(),
                 },
             }
             path = self.spec.path("dump")

@@ -382,7 +382,8 @@ class GpuContext:
         with self._lock:
             if handle not in self._ipc_open:
                 # cudaIpcMemLazyEnablePeerAccess
-                self._ipc_open[handle] = int(self.cp.cuda.runtime.ipcOpenMemHandle(handle, 1))
+                self._ipc_open[handle] = int(self._call("ipc-open", "peer",
+                                                        lambda: self.cp.cuda.runtime.ipcOpenMemHandle(handle, 1)))
             return self._ipc_open[handle]
 
     def copy_ptr(self, dst: int, src: int, length: int) -> None:

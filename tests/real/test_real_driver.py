@@ -68,6 +68,9 @@ def test_hang_dump_names_the_blocked_effect():
         assert b.what == "a key nobody publishes" and b.blockers == ("store:never",)
         assert 0 < b.since < 1.5
         assert d["last_events"][-1]["name"] == "phase"
+        # every thread's innermost Python frames: the caller stands in the effect it is blocked on
+        main = [f for name, f in d["driver"]["threads"].items() if name.startswith("MainThread/")]
+        assert len(main) == 1 and any(x.startswith("driver.py:_store_wait:") for x in main[0])
     assert len(r.blocked()) == 2
     assert shm_segments(r.job_id) == []
 

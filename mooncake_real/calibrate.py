@@ -405,6 +405,7 @@ class InSitu:
         self.first_loads: list[float] = []  # each rank's first LoadKernel step (the process's first kernel)
         self.writes: dict[str, list[float]] = defaultdict(list)
         self.first_writes: dict[str, list[float]] = defaultdict(list)  # a transport's first WRITE to a peer
+        self.connect_writes: dict[str, list[float]] = defaultdict(list)  # ... that opened the RPC connection
         self.oversleep: list[float] = []
         self.spans: list[list[float]] = []
         self.done = 0
@@ -443,6 +444,8 @@ class InSitu:
                 self.writes[transport] += [float(d) for d in ds]
             for transport, ds in (result.get("write_first_s") or {}).items():
                 self.first_writes[transport] += [float(d) for d in ds]
+            for transport, ds in (result.get("write_connect_s") or {}).items():
+                self.connect_writes[transport] += [float(d) for d in ds]
 
     def figures(self) -> dict[str, float]:
         """The means over the runs taken so far ({} when none completed)."""
@@ -469,13 +472,17 @@ class InSitu:
         if self.rpc_first:
             out["in_situ_rpc_first_s"] = statistics.fmean(self.rpc_first)
             out["in_situ_rpc_first_n"] = float(len(self.rpc_first))
-        for transport in sorted(set(self.writes) | set(self.first_writes)):
+        for transport in sorted(set(self.writes) | set(self.first_writes) | set(self.connect_writes)):
             later, first = self.writes.get(transport), self.first_writes.get(transport)
-            if later or first:  # a WRITE on an open connection; with none, the first ones are all there is
-                out[f"in_situ_{transport}_write_s"] = statistics.fmean(later or first or [])
+            connect = self.connect_writes.get(transport)
+            if later or first or connect:  # with no later WRITE, the first ones are all there is
+                out[f"in_situ_{transport}_write_s"] = statistics.fmean(later or first or connect or [])
             if later and first:
                 out[f"in_situ_{transport}_write_first_s"] = statistics.fmean(first)
                 out[f"in_situ_{transport}_write_first_n"] = float(len(first))
+            if (later or first) and connect:
+                out[f"in_situ_{transport}_write_connect_s"] = statistics.fmean(connect)
+                out[f"in_situ_{transport}_write_connect_n"] = float(len(connect))
         if self.oversleep:
             out["in_situ_oversleep_s"] = max(0.0, statistics.fmean(self.oversleep))
         spread = pooled_rank_spread(self.spans)
@@ -755,13 +762,15 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         out["tcp_latency_s"] = rtt
         service = alone["rpc_service_s"] or 0.0
         out["rpc_one_way_s"] = max(rtt - service, 0.0) / 2
-        # what a first call costs beyond a call on an open connection, pooled over both kinds of first call
-        # (one client code): a thread's first RpcCall to a server, a transfer thread's first TCP WRITE to one
+        # what a first call costs beyond a call on an open connection, pooled over both kinds of call that
+        # opened one (one client code): a thread's first RpcCall to a server, a transfer thread's TCP WRITE
+        # that opened its connection to the server (not a first TCP WRITE to a peer whose connection an
+        # NVLink WRITE's ``__ipc__`` call had opened: those are ordinary WRITEs)
         extra = []
         if "in_situ_rpc_first_s" in m:
             extra.append((m["in_situ_rpc_first_s"] - effect - rtt, m.get("in_situ_rpc_first_n", 1.0)))
-        if "in_situ_tcp_write_first_s" in m:
-            extra.append((m["in_situ_tcp_write_first_s"] - rtt, m.get("in_situ_tcp_write_first_n", 1.0)))
+        if "in_situ_tcp_write_connect_s" in m:
+            extra.append((m["in_situ_tcp_write_connect_s"] - rtt, m.get("in_situ_tcp_write_connect_n", 1.0)))
         if extra:
             out["rpc_connect_s"] = max(sum(x * n for x, n in extra) / sum(n for _, n in extra), 0.0)
     if "in_situ_shm_write_s" in m:
@@ -770,8 +779,13 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         out["first_kernel_s"] = max(m["in_situ_LoadKernel_first_s"] - m["in_situ_LoadKernel_s"], 0.0)
     if "in_situ_nvlink_write_s" in m:  # the CUDA job: IPC copies between ranks sharing the GPU
         out["nvlink_same_gpu_s"] = m["in_situ_nvlink_write_s"]
-        if "in_situ_nvlink_write_first_s" in m:  # a first WRITE to a peer also fetches and opens its IPC handle
-            out["ipc_open_s"] = max(m["in_situ_nvlink_write_first_s"] - m["in_situ_nvlink_write_s"], 0.0)
+        # a first WRITE to a peer also fetches its IPC handle by RPC (opening the transfer thread's connection
+        # to the peer's server where no TCP WRITE had) and opens it: both kinds, weighted by their counts
+        first = [(m[f"in_situ_nvlink_write_{kind}_s"], m.get(f"in_situ_nvlink_write_{kind}_n", 1.0))
+                 for kind in ("first", "connect") if f"in_situ_nvlink_write_{kind}_s" in m]
+        if first:
+            mean = sum(x * n for x, n in first) / sum(n for _, n in first)
+            out["ipc_open_s"] = max(mean - m["in_situ_nvlink_write_s"], 0.0)
     if "in_situ_oversleep_s" in m:
         out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
     if "in_situ_rank_spread" in m:

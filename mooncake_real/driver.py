@@ -78,7 +78,7 @@ def thread_stacks(depth: int = 8) -> dict[str, list[str]]:
     for ident, frame in sys._current_frames().items():
         if ident == threading.get_ident():
             continue  # the dumping thread itself
-        frames = []
+        frames: list[str] = []
         f: Any = frame
         while f is not None and len(frames) < depth:
             frames.append(f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}")
@@ -782,6 +782,7 @@ def run_rank(spec: RankSpec) -> int:
     result["t"] = round(driver.now(), 6)
     result["write_s"] = {k: list(v) for k, v in list(driver.transfers.durations.items())}
     result["write_first_s"] = {k: list(v) for k, v in list(driver.transfers.first_durations.items())}
+    result["write_connect_s"] = {k: list(v) for k, v in list(driver.transfers.connect_durations.items())}
     driver.finished.set()
     driver.write_file(spec.path("result"), result)
     for h in list(driver.handles.values()):

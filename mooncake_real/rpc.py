@@ -215,6 +215,10 @@ class RpcClient:
             conns = self._local.conns = {}
         return conns
 
+    def connected(self, target: str) -> bool:
+        """Whether the calling thread holds an open connection to ``target`` (its next call makes none)."""
+        return target in self._conns()
+
     def _drop(self, target: str) -> None:
         sock = self._conns().pop(target, None)
         if sock is not None:

@@ -136,9 +136,13 @@ class TransferEngine:
         #: ``mooncake-real calibrate`` reads them from the result files to measure WRITEs inside a job. A
         #: transport's first WRITE to a peer goes to ``first_durations`` instead: it also opens what later
         #: ones reuse (TCP: the thread's RPC connection; SHM: a mapping of the peer's segment; NVLink: the
-        #: peer's IPC handle, fetched by RPC and opened), which in a job can cost many times a WRITE
+        #: peer's IPC handle, fetched by RPC and opened), which in a job can cost many times a WRITE. A WRITE
+        #: that opened the thread's RPC connection to its server (a TCP ``__write__``, or an NVLink WRITE's
+        #: ``__ipc__`` call, whichever came first) goes to ``connect_durations``: the first NVLink WRITE to a
+        #: peer pays the connection only where no TCP WRITE to that peer came before it, and vice versa
         self.durations: dict[str, list[float]] = {}
         self.first_durations: dict[str, list[float]] = {}
+        self.connect_durations: dict[str, list[float]] = {}
         self._contacted: set[tuple[str, int]] = set()
         self._thread = threading.Thread(target=self._loop, name=f"transfer-{rank}", daemon=True)
         self._thread.start()
@@ -175,6 +179,7 @@ class TransferEngine:
             bid, i, w = item
             t0 = time.monotonic()
             self.current = (f"{w.transport} WRITE of {w.length} bytes to rank {w.dst_owner}", t0)
+            had = self.rpc.connected(w.dst_server)
             try:
                 reason = self.execute(w)
             except Exception as exc:  # a driver fault must show as a failed request, not a dead thread
@@ -184,7 +189,10 @@ class TransferEngine:
             # an NVLink WRITE to this rank's own memory opens no IPC handle (see execute)
             first = contact not in self._contacted and not (w.transport == "nvlink" and w.dst_owner == self.rank)
             self._contacted.add(contact)
-            kept = (self.first_durations if first else self.durations).setdefault(w.transport, [])
+            if not had and self.rpc.connected(w.dst_server):
+                kept = self.connect_durations.setdefault(w.transport, [])
+            else:
+                kept = (self.first_durations if first else self.durations).setdefault(w.transport, [])
             if len(kept) < WRITES_KEPT and reason is None:
                 kept.append(round(time.monotonic() - t0, 7))
             with self._lock:

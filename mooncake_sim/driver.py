@@ -90,7 +90,8 @@ class Calibration:
     #                                         topology's; None: the topology's NVLink path
     ipc_open_s: float | None = None  # a rank's first NVLink WRITE to another rank's memory also fetches (by RPC)
     #                                  and opens that rank's CUDA IPC handle: this much longer, once per peer
-    #                                  (measured inside a CUDA job); None: no such cost
+    #                                  (measured inside a CUDA job, the RPC connection's opening included
+    #                                  where that WRITE opened it); None: no such cost
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)

@@ -407,11 +407,14 @@ class TransferModel:
         op = Op("memcpy", stream, 0.0, f"{w.transport} copy of {w.length} B to rank {w.dst_rank} (engine)",
                 sm=w.transport in ("nvlink", "mnnvl") and not in_job)
 
-        opens = w.transport == "nvlink" and w.dst_owner != r.env.rank and self.sim.cal.ipc_open_s
+        peer = w.transport == "nvlink" and w.dst_owner != r.env.rank
 
         def start() -> None:
             op.duration = self._start_flow(edges, lat, cap, w.length)
-            if opens:  # calibrated: the real engine fetches and opens a peer's IPC handle at its first WRITE there
+            if peer:  # calibrated: the real engine fetches a peer's IPC handle by RPC at its first WRITE there
+                # and opens it (ipc_open_s, measured over such WRITEs: some opened the transfer thread's
+                # connection to that server too); a TCP WRITE to the server after it finds the connection open
+                self.sim.connected.add((r.env.rank, "transfer", w.dst_server))
                 op.duration += self.sim.connect_cost(r.env.rank, "transfer", f"ipc:{w.dst_server}",
                                                      self.sim.cal.ipc_open_s) * r.speed
 

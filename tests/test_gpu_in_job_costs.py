@@ -221,30 +221,45 @@ def test_calibrate_warns_when_the_host_changed_speed() -> None:
 
 
 def test_calibrate_keeps_a_transports_first_write_to_a_peer_apart() -> None:
-    """A first WRITE to a peer also opens what later ones reuse (TCP: the thread's connection; NVLink: the
-    peer's IPC handle): the WRITE latencies come from the later ones, the difference becomes the opening."""
+    """A first WRITE to a peer also opens what later ones reuse (NVLink: the peer's IPC handle), and a WRITE
+    that opened the transfer thread's RPC connection (a TCP ``__write__``, or an NVLink WRITE's ``__ipc__``
+    call) is kept apart: the WRITE latencies come from the later ones, the IPC opening from every first
+    NVLink WRITE to a peer (connecting or not), the connection from the TCP WRITEs that opened one, pooled
+    with the first RpcCalls; a first TCP WRITE on a connection an NVLink WRITE opened is an ordinary one."""
     from mooncake_real.calibrate import InSitu
 
     acc = InSitu(load_scenario("real-cpu-allreduce"))
-    acc.done = 1  # what add() takes from the ranks' result files ("write_s", "write_first_s")
+    acc.done = 1  # what add() takes from the ranks' result files ("write_s", "write_first_s", "write_connect_s")
     acc.writes.update(tcp=[1e-3, 3e-3], nvlink=[2e-3], shm=[1e-4])
-    acc.first_writes.update(tcp=[6e-3, 8e-3, 10e-3], nvlink=[12e-3], shm=[3e-4])
+    acc.first_writes.update(tcp=[2.5e-3], nvlink=[12e-3], shm=[3e-4])  # a peer's first; the connection was open
+    acc.connect_writes.update(tcp=[6e-3, 8e-3, 10e-3], nvlink=[16e-3])
     m = acc.figures()
-    assert m["in_situ_tcp_write_s"] == pytest.approx(2e-3) and m["in_situ_tcp_write_first_s"] == pytest.approx(8e-3)
-    assert m["in_situ_tcp_write_first_n"] == 3 and m["in_situ_nvlink_write_first_s"] == pytest.approx(12e-3)
+    assert m["in_situ_tcp_write_s"] == pytest.approx(2e-3) and m["in_situ_tcp_write_connect_s"] == pytest.approx(8e-3)
+    assert m["in_situ_tcp_write_connect_n"] == 3 and m["in_situ_nvlink_write_first_s"] == pytest.approx(12e-3)
+    assert m["in_situ_nvlink_write_connect_s"] == pytest.approx(16e-3) and m["in_situ_tcp_write_first_n"] == 1
     alone = {"store_service_s": 0.0, "rpc_service_s": 0.0}
     m.update(in_situ_effect_s=1e-4, in_situ_rpc_first_s=5.1e-3, in_situ_rpc_first_n=1.0)
     out = in_situ_sim(m, alone)  # type: ignore[arg-type]
     assert out["tcp_latency_s"] == pytest.approx(2e-3) and out["nvlink_same_gpu_s"] == pytest.approx(2e-3)
-    # pooled first calls: one RpcCall 5.1 - 0.1 - 2 = 3 ms over the round trip, three TCP WRITEs 6 ms
+    # pooled: one RpcCall 5.1 - 0.1 - 2 = 3 ms over the round trip, three connecting TCP WRITEs 6 ms over a
+    # later one; the IPC opening: the first NVLink WRITEs (12 and 16 ms) over a later one (2 ms)
     assert out["rpc_connect_s"] == pytest.approx((3e-3 + 3 * 6e-3) / 4)
-    assert out["ipc_open_s"] == pytest.approx(10e-3)
+    assert out["ipc_open_s"] == pytest.approx(12e-3)
     # only first WRITEs of a transport: they are its latency, and nothing is split off
     only = InSitu(load_scenario("real-cpu-allreduce"))
     only.first_writes["tcp"] += [4e-3]
     only.done = 1
     f = only.figures()
     assert f["in_situ_tcp_write_s"] == pytest.approx(4e-3) and "in_situ_tcp_write_first_s" not in f
+    # every NVLink first WRITE connected (no TCP WRITE before them): their extra is the IPC opening
+    conn = InSitu(load_scenario("real-cpu-allreduce"))
+    conn.writes.update(nvlink=[2e-3], tcp=[1e-3])
+    conn.connect_writes["nvlink"] += [9e-3]
+    conn.done = 1
+    g = conn.figures()
+    g.update(in_situ_effect_s=1e-4)
+    out = in_situ_sim(g, alone)  # type: ignore[arg-type]
+    assert out["ipc_open_s"] == pytest.approx(7e-3) and "rpc_connect_s" not in out
 
 
 def test_the_first_ipc_copy_to_a_peer_pays_the_handle_open_once() -> None:
@@ -263,3 +278,17 @@ def test_the_first_ipc_copy_to_a_peer_pays_the_handle_open_once() -> None:
 
     assert canon(opened) == canon(base)  # the same story
     assert evaluate(opened, sc).sim_time_s > evaluate(base, sc).sim_time_s + 4e-3  # later by the openings
+
+
+def test_a_first_ipc_copy_opens_the_transfer_threads_connection_to_the_peer() -> None:
+    """The real NVLink WRITE fetches the peer's IPC handle by an ``__ipc__`` RPC on the transfer thread's
+    connection to the peer's server, so it opens that connection where no TCP WRITE had (host regions over
+    SHM): the simulator marks it open, once per (rank, peer), and a later TCP WRITE there pays no
+    ``rpc_connect_s``. What the opening cost is part of ``ipc_open_s``, measured over such WRITEs."""
+    cal = Calibration(nvlink_same_gpu_s=1e-3, ipc_open_s=2e-3, rpc_connect_s=5e-3)
+    shm = load_scenario("host-region-gpu-label-1gpu-fixed")  # TCP off: sync flags and warmup over SHM
+    sim = Simulation(shm, calibration=cal)
+    sim.run()
+    servers = {(k[0], k[2]) for k in sim.connected if k[1] == "transfer" and not k[2].startswith("ipc:")}
+    ipc = {(k[0], k[2][len("ipc:"):]) for k in sim.connected if k[1] == "transfer" and k[2].startswith("ipc:")}
+    assert servers == ipc and len(servers) == shm.ranks * (shm.ranks - 1)

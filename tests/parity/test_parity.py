@@ -123,7 +123,8 @@ def test_calibrate_writes_the_sim_section(tmp_path: object) -> None:
     for n in IN_SITU_RANKS:
         part = data["sim_by_ranks"][str(n)]
         assert m[f"in_situ_r{n}_runs"] == 1 and m[f"in_situ_r{n}_tcp_write_s"] > 0
-        assert m[f"in_situ_r{n}_tcp_write_first_n"] >= n  # each rank's first TCP WRITE to a peer, kept apart
+        # each rank's first TCP WRITE to a server opens the transfer thread's connection: kept apart
+        assert m[f"in_situ_r{n}_tcp_write_connect_n"] >= n
         assert 0 < m[f"in_situ_r{n}_bootstrap_s"] < 5  # the job's own bootstrap phase, to check a file against
         assert part["host_cpus"] is None and part["tcp_latency_s"] == pytest.approx(m[f"in_situ_r{n}_tcp_write_s"])
         assert part["effect_cpu_s"] > 0 and part["alloc_s"] is not None

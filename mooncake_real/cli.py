@@ -102,6 +102,9 @@ def cmd_discover(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .fdtable import grow_fd_table
+
+    grow_fd_table()  # the launcher's store server, calibrate's clients: see mooncake_real/fdtable.py
     args = _parser().parse_args(argv)
     from .launch_env import LaunchEnvError
 

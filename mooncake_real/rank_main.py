@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m mooncake_real.rank_main SPEC.json", file=sys.stderr)
         return 2
+    from .fdtable import grow_fd_table
+
+    grow_fd_table()  # before any thread: a descriptor opened later never waits for the table to grow
     from .driver import RankSpec, run_rank
 
     spec = RankSpec.from_json(Path(args[0]).read_text())

@@ -46,7 +46,8 @@ class Calibration:
     store_one_way_s: float | None = None  # None: from the topology
     rpc_service_s: float = RPC_SERVICE_S
     rpc_one_way_s: float | None = None
-    effect_cpu_s: float = 0.0  # host CPU cost charged per effect (Python-level drivers are slower)
+    effect_cpu_s: float = 0.0  # host CPU cost charged per effect, marks excepted (Python-level drivers are
+    #                            slower; a mark's own time is in the step of the effect before it)
     rdma_overhead_s: float = 0.0
     # The fields below default to "not calibrated": the simulator then behaves exactly as without a file.
     alloc_s: float = 0.0  # extra host CPU per Allocate (real mode: create, size and map a /dev/shm segment)
@@ -501,7 +502,9 @@ class Simulation:
             self.effect_count += 1
             if progress and not self.effect_count % 20000:
                 self._report_progress()
-            if not coalesce:
+            if not coalesce and type(eff) is not fx.Mark:
+                # a mark costs nothing of its own: calibrate measures each effect's step up to the activity's
+                # next effect, so what the real driver spends on a mark is in the effect before it already
                 yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
             if record and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))

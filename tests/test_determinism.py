@@ -113,3 +113,25 @@ def test_calibrated_store_connections_cost_once_per_thread() -> None:
         first = 1e-3 if key[1] == "poller" else 0.0
         assert extra[0] == pytest.approx(first, abs=1e-9), key
         assert extra[1:] == pytest.approx([0.0] * (len(extra) - 1), abs=1e-9), key
+
+
+def test_a_calibrated_run_charges_no_cpu_for_a_mark() -> None:
+    """calibrate measures an effect's step up to the activity's next effect, so the real driver's time for a
+    mark is inside the step of the effect before it: the simulator charges ``effect_cpu_s`` (and an effect's
+    own cost) after every effect but a mark, and the marks still all happen."""
+    from mooncake_sim.driver import Calibration, Simulation
+
+    sc = load_scenario("real-cpu-allreduce")
+    sim = Simulation(sc, calibration=Calibration(effect_cpu_s=1e-4), record_effects=True)
+    charged: list[float] = []
+    cpu = sim._cpu
+
+    def spy(r, cost):  # type: ignore[no-untyped-def]
+        charged.append(cost)
+        return cpu(r, cost)
+
+    sim._cpu = spy  # type: ignore[method-assign]
+    rec = sim.run()
+    assert rec.end_reason == "completed" and len(rec.marks) > 50
+    assert len(charged) == len(rec.effects)  # one charge per recorded (non-mark) effect
+    assert sim.effect_count > len(rec.effects) + 50  # the marks were effects of the activities all the same

@@ -69,7 +69,6 @@ WAIT_POLL_MAX_S = 0.002
 _DUMP_SIGNALS = {signal.SIGUSR1, signal.SIGTERM}
 
 
-
 def thread_stacks(depth: int = 8) -> dict[str, list[str]]:
     """Every thread's innermost Python frames (``file:function:line``, innermost first), keyed ``name/tid``: a
     thread blocked inside a C call (a CUDA call, a syscall) shows the line that made it."""
@@ -85,6 +84,7 @@ def thread_stacks(depth: int = 8) -> dict[str, list[str]]:
             f = f.f_back
         out[f"{names.get(ident, '?')}/{ident}"] = frames
     return out
+
 
 @dataclass
 class RankSpec:

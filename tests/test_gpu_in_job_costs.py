@@ -292,3 +292,15 @@ def test_a_first_ipc_copy_opens_the_transfer_threads_connection_to_the_peer() ->
     servers = {(k[0], k[2]) for k in sim.connected if k[1] == "transfer" and not k[2].startswith("ipc:")}
     ipc = {(k[0], k[2][len("ipc:"):]) for k in sim.connected if k[1] == "transfer" and k[2].startswith("ipc:")}
     assert servers == ipc and len(servers) == shm.ranks * (shm.ranks - 1)
+
+
+def test_calibrate_takes_allocate_and_register_costs_from_the_bootstrap() -> None:
+    """A rank allocates and registers its buffers in bootstrap; a collective's few Allocates, beside the
+    running worker and poller, cost more and are left out of ``alloc_s`` (a time with no warmup mark yet
+    counts as bootstrap)."""
+    from mooncake_real.calibrate import _BOOTSTRAP_STEPS, in_bootstrap
+
+    assert set(_BOOTSTRAP_STEPS) == {"Allocate", "Register"}
+    times = {0: {"bootstrap": 0.10, "warmup": 0.12, "collective": 0.20}, 1: {"bootstrap": 0.10}}
+    assert in_bootstrap(times, 0, 0.11) and not in_bootstrap(times, 0, 0.12) and not in_bootstrap(times, 0, 0.25)
+    assert in_bootstrap(times, 1, 9.0) and in_bootstrap(times, 2, 0.3)

@@ -416,7 +416,10 @@ class TransferModel:
                 # connection to that server too); a TCP WRITE to the server after it finds the connection open
                 self.sim.connected.add((r.env.rank, "transfer", w.dst_server))
                 op.duration += self.sim.connect_cost(r.env.rank, "transfer", f"ipc:{w.dst_server}",
-                                                     self.sim.cal.ipc_open_s) * r.speed
+                                                     self.sim.cal.ipc_open_s or 0.0) * r.speed
+            elif w.transport == "tcp":  # the TCP transport is an RPC (its copy staged through the GPU here):
+                # the first WRITE to a server opens the transfer thread's connection, as on the thread path
+                op.duration += self.sim.connect_cost(r.env.rank, "transfer", w.dst_server) * r.speed
 
         op.on_start = start
         op.on_done = lambda: self._land(bid, [(i, w, payload, edges)])

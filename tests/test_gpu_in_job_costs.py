@@ -304,3 +304,25 @@ def test_calibrate_takes_allocate_and_register_costs_from_the_bootstrap() -> Non
     times = {0: {"bootstrap": 0.10, "warmup": 0.12, "collective": 0.20}, 1: {"bootstrap": 0.10}}
     assert in_bootstrap(times, 0, 0.11) and not in_bootstrap(times, 0, 0.12) and not in_bootstrap(times, 0, 0.25)
     assert in_bootstrap(times, 1, 9.0) and in_bootstrap(times, 2, 0.3)
+
+
+def test_a_cuda_ranks_first_tcp_write_to_a_server_opens_the_connection() -> None:
+    """A CUDA rank's TCP WRITE is staged through the GPU in the simulator, and it is still the ``__write__``
+    RPC of the real engine: its first one to a server (not opened by an IPC copy before) pays
+    ``rpc_connect_s`` once, like a TCP WRITE on the transfer thread's own path."""
+    sc = load_scenario("lazy-kernel-load-1gpu-fixed")  # TCP on: warmup and sync flags over TCP
+    sim = Simulation(sc, calibration=Calibration(nvlink_same_gpu_s=1e-3, rpc_connect_s=5e-3))
+    charged: list[tuple[int, str]] = []
+    cost = sim.connect_cost
+
+    def spy(rank, thread, target, c=None):  # type: ignore[no-untyped-def]
+        got = cost(rank, thread, target, c)
+        if thread == "transfer" and got:
+            charged.append((rank, target))
+        return got
+
+    sim.connect_cost = spy  # type: ignore[method-assign]
+    rec = sim.run()
+    assert rec.end_reason == "completed" and charged
+    assert len(charged) == len(set(charged))  # once per (rank, server)
+    assert all(not target.startswith("ipc:") for _, target in charged)  # ipc_open_s is unset here

@@ -243,7 +243,7 @@ def host_speed(ranks: int) -> float | None:
     with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
         sc = load_scenario(in_situ_scenario(ranks, where, IN_SITU_SCENARIO))
         res = run_job(sc)
-        if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
+        if not res.clean():
             return None
         spans = bootstrap_spans(run_record(res, sc).phase_times)
     return max(spans) if spans else None

@@ -414,7 +414,7 @@ class InSitu:
         """Take one run's figures (a :class:`~mooncake_real.launcher.JobResult` of the scenario)."""
         from .runner import run_record
 
-        if res.end_reason != "completed" or any(c != 0 for c in res.exit_codes.values()):
+        if not res.clean():
             return
         self.done += 1
         phase_times = run_record(res, self.sc).phase_times
@@ -749,6 +749,11 @@ def derive_by_ranks(m: dict[str, float], job: str = "in_situ_r") -> dict[str, di
     return out
 
 
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """The mean of (value, count) pairs, each value weighted by its count."""
+    return sum(x * n for x, n in pairs) / sum(n for _, n in pairs)
+
+
 def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str, float | None]:
     """The constants from :class:`InSitu`'s figures, which replace those of operations measured alone.
 
@@ -788,7 +793,7 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         if "in_situ_tcp_write_connect_s" in m:
             extra.append((m["in_situ_tcp_write_connect_s"] - rtt, m.get("in_situ_tcp_write_connect_n", 1.0)))
         if extra:
-            out["rpc_connect_s"] = max(sum(x * n for x, n in extra) / sum(n for _, n in extra), 0.0)
+            out["rpc_connect_s"] = max(_weighted_mean(extra), 0.0)
     if "in_situ_shm_write_s" in m:
         out["shm_latency_s"] = m["in_situ_shm_write_s"]
     if "in_situ_LoadKernel_first_s" in m and "in_situ_LoadKernel_s" in m:  # the first kernel's one-time set-up
@@ -800,8 +805,7 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
         first = [(m[f"in_situ_nvlink_write_{kind}_s"], m.get(f"in_situ_nvlink_write_{kind}_n", 1.0))
                  for kind in ("first", "connect") if f"in_situ_nvlink_write_{kind}_s" in m]
         if first:
-            mean = sum(x * n for x, n in first) / sum(n for _, n in first)
-            out["ipc_open_s"] = max(mean - m["in_situ_nvlink_write_s"], 0.0)
+            out["ipc_open_s"] = max(_weighted_mean(first) - m["in_situ_nvlink_write_s"], 0.0)
     if "in_situ_oversleep_s" in m:
         out["poll_overshoot_s"] = m["in_situ_oversleep_s"]
     if "in_situ_rank_spread" in m:

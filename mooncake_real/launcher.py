@@ -92,6 +92,10 @@ class JobResult:
     #: run seconds when every rank's caller had finished (or its process was gone); None if that never happened
     callers_done_s: float | None = None
 
+    def clean(self) -> bool:
+        """Whether the job completed and every rank exited 0 (a run whose figures can be measured)."""
+        return self.end_reason == "completed" and all(c == 0 for c in self.exit_codes.values())
+
     def blocked(self) -> list[Any]:
         from mooncake_protocol.trace import Blocked
 

@@ -36,6 +36,13 @@ count, a real run of about a second) and prints its bootstrap over the one the f
 34 ms in the next, ten minutes apart (docs/parity.md), so this says how far the host has moved from the
 file while the report ran. Below the table: the rounds' factors and their median, with a warning when the
 median is off by more than 1.3 times.
+
+``--recalibrate`` measures the calibration's in-job figures again before each round (:func:`recalibrated`,
+``mooncake-real calibrate --refresh``: ``calibrate``'s own jobs, about 20 s on a 2-CPU host, the CUDA job
+too with ``--gpu``) and simulates that round with them, keeping the file's figures of operations measured
+alone; the simulator-only draws take the rounds' calibrations in turn. The host's speed is then what those
+jobs measured (no second run). This compares the model with the host as it is during the report rather than
+as it was when the file was written: on a small or shared host the two differ by a quarter within minutes.
 """
 
 from __future__ import annotations
@@ -249,9 +256,27 @@ def host_speed(ranks: int) -> float | None:
     return max(spans) if spans else None
 
 
-def speed_summary(then_s: float, ranks: int, now_s: list[float | None]) -> tuple[list[str], str | None]:
+def recalibrated(path: str, gpu: bool, k: int, keep: str | None) -> tuple[Any, dict[str, float]]:
+    """Round ``k``'s calibration: the file at ``path`` with its in-job figures measured again now
+    (``mooncake-real calibrate --refresh``; the CUDA job too with ``gpu``), written to
+    ``keep/calibration-<k+1>.json`` when keeping; the loaded constants and the new measurements."""
+    import tempfile
+
+    from mooncake_real.calibrate import refresh
+
+    data = refresh(json.loads(Path(path).read_text()), cuda=gpu)
+    with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
+        out = Path(keep or where) / f"calibration-{k + 1}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1) + "\n")
+        return load_calibration(str(out)), data["measured"]
+
+
+def speed_summary(then_s: float, ranks: int, now_s: list[float | None],
+                  recalibrated: bool = False) -> tuple[list[str], str | None]:
     """Lines for the reference job's rounds (its bootstrap now over the calibration's), and a warning when
-    their median differs from 1 by more than ``UNSTEADY_FACTOR``."""
+    their median differs from 1 by more than ``UNSTEADY_FACTOR`` (none when every round was simulated with
+    its own calibration: the drift is then measured, not an error)."""
     from mooncake_real.calibrate import speed_changed
 
     got = [x for x in now_s if x is not None]
@@ -262,7 +287,9 @@ def speed_summary(then_s: float, ranks: int, now_s: list[float | None]) -> tuple
     lines = [f"host speed: the calibration's own {ranks}-rank job, bootstrap now over then ({then_s * 1e3:.1f} ms), "
              f"per round: {factors}; median {med / then_s:.2f}"]
     warning = None
-    if speed_changed(then_s, med):
+    if recalibrated:
+        lines[0] += " (each round simulated with the in-job figures measured at its start)"
+    elif speed_changed(then_s, med):
         warning = (f"parity_report: warning: the calibration's own {ranks}-rank job bootstrapped in {med * 1e3:.1f} ms "
                    f"(median of the rounds) against {then_s * 1e3:.1f} ms when the file was made: the host ran at "
                    "another speed during this report, and the bootstrap cells say as much about that as about "
@@ -292,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each scenario K times in both worlds and compare medians (default 1)")
     ap.add_argument("--keep", metavar="DIR", help="keep each run's traces, outcomes and canonical forms in "
                     "DIR/<scenario>-<k>/ (as mooncake-sim parity --keep)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="before each round, measure the calibration's in-job figures again on this host "
+                         "(mooncake-real calibrate --refresh, about 20 s on a 2-CPU host) and simulate that "
+                         "round with the result; needs --calibration")
     ap.add_argument("--sim-seeds", type=int, metavar="N",
                     help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
                          f"with the real runs (default: {SIM_SEEDS} or K, whichever is larger, when K > 1; else 1)")
@@ -300,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be 1 or more")
     if args.sim_seeds is not None and args.sim_seeds < args.repeat:
         ap.error(f"--sim-seeds must be at least --repeat ({args.repeat})")
+    if args.recalibrate and not args.calibration:
+        ap.error("--recalibrate needs --calibration FILE (the figures it keeps)")
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
     then = calibrated_ping(args.calibration) if args.calibration else None
@@ -316,12 +349,22 @@ def main(argv: list[str] | None = None) -> int:
     if then:
         warn(drift_warning(then, host_ping(), "at the start"))
     names = list(args.only or selected(args.gpu))
-    ref = reference_job(args.calibration) if args.calibration and args.repeat > 1 else None
+    ref = reference_job(args.calibration) if args.calibration and (args.repeat > 1 or args.recalibrate) else None
     speeds: list[float | None] = []
+    if args.recalibrate and ref is None:
+        print(f"parity_report: {args.calibration}: measured: no in-job figures (in_situ_r<N>_bootstrap_s) to "
+              "measure again; write a full calibration with `mooncake-real calibrate -o FILE`", file=sys.stderr)
+        return 2
+    cals = [] if args.recalibrate else [cal]  # with --recalibrate: round k's calibration
     done: dict[str, list[ParityResult]] = {name: [] for name in names}
     for name, k in run_order(names, args.repeat):
         if ref is not None and len(speeds) == k:  # a round starts: the host's speed first
-            speeds.append(host_speed(ref[0]))
+            if args.recalibrate:
+                got, fresh = recalibrated(args.calibration, args.gpu, k, args.keep)
+                cals.append(got)
+                speeds.append(fresh.get(f"in_situ_r{ref[0]}_bootstrap_s"))
+            else:
+                speeds.append(host_speed(ref[0]))
             print(f"... round {k + 1}/{args.repeat}: the calibration's own {ref[0]}-rank job bootstrapped in "
                   + ("-" if speeds[-1] is None else f"{speeds[-1] * 1e3:.1f} ms") + f" ({ref[1] * 1e3:.1f} ms then)",
                   file=sys.stderr, flush=True)
@@ -329,17 +372,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"... {name}" + (f" ({k + 1}/{args.repeat})" if args.repeat > 1 else ""), file=sys.stderr, flush=True)
         keep = f"{args.keep}/{name}-{k + 1}" if args.keep else None
-        done[name].append(parity(name, calibration=cal, spread_seed=k, trace_dir=keep))
+        done[name].append(parity(name, calibration=cals[k % len(cals)], spread_seed=k, trace_dir=keep))
     rows = []
     for name in names:
         runs = done[name]
         extra = []
-        if runs[-1].status in ("equal", "differ"):
-            extra = [sim_only(name, cal, seed) for seed in range(len(runs), sim_seeds)]
+        if runs[-1].status in ("equal", "differ"):  # simulator-only draws take the rounds' calibrations in turn
+            extra = [sim_only(name, cals[seed % len(cals)], seed) for seed in range(len(runs), sim_seeds)]
         rows.append(row(runs, extra))
     speed_lines: list[str] = []
     if ref is not None:
-        speed_lines, w = speed_summary(ref[1], ref[0], speeds)
+        speed_lines, w = speed_summary(ref[1], ref[0], speeds, recalibrated=args.recalibrate)
         for line in speed_lines:
             print(f"parity_report: {line}", file=sys.stderr, flush=True)
         warn(w)

@@ -13,6 +13,9 @@ Measured (``measured``, seconds and bytes/s):
 * with CuPy and a GPU: kernel launch, module load (compile + load of a fresh RawKernel), H2D/D2D memcpy
   bandwidth, CUDA IPC handle open time.
 
+``--refresh FILE`` measures only the in-job figures again (:func:`refresh`: the jobs above, about 20 s on a
+2-CPU host) and keeps the rest of FILE; the report's ``--recalibrate`` does this before each round.
+
 ``sim`` holds exactly the fields of ``mooncake_sim.driver.Calibration`` (this module does not import
 the simulator; the field list is repeated in :data:`SIM_FIELDS` and a test checks it matches).
 """
@@ -31,6 +34,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from mooncake_protocol.errors import InputError
 
 from .driver import WAIT_POLL_MAX_S
 from .rpc import DEAD_PEER_CHECK_S
@@ -893,6 +898,12 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     note = unsteady(measured["store_ping_rtt_s"], again["store_ping_rtt_s"])
     if note:
         print(f"calibrate: warning: {note}", file=sys.stderr, flush=True)
+    return _assemble(measured)
+
+
+def _assemble(measured: dict[str, float]) -> dict[str, Any]:
+    """A calibration file's contents from its measurements: this machine, the figures, and the simulator's
+    constants derived from them."""
     machine = {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "platform": platform.platform()}
     out: dict[str, Any] = {"machine": machine, "measured": {k: round(v, 12) for k, v in sorted(measured.items())},
@@ -906,9 +917,47 @@ def calibrate(*, gpu: bool = True, quick: bool = False, in_situ: bool = True) ->
     return out
 
 
+def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False) -> dict[str, Any]:
+    """``data`` (a calibration file's contents) with its in-job figures measured again on this host now, and
+    the constants derived again; the figures of operations measured alone are kept.
+
+    The jobs are ``calibrate``'s own (:data:`IN_SITU_SCENARIO`, and :data:`IN_SITU_CUDA_SCENARIO` where
+    ``data`` has the CUDA job's figures and ``cuda`` is true), so this takes a small fraction of a full
+    calibration (about 20 s on a 2-CPU host). A small host's speed drifts by a quarter within minutes
+    (docs/parity.md): what a job costs is what drifts most, and this measures it again right before it is used.
+    """
+    old = data.get("measured")
+    if not isinstance(old, dict) or not any(k.startswith("in_situ_r") for k in old):
+        raise ValueError("the calibration has no in-job figures (in_situ_r*) to measure again: "
+                         "write a full one with `mooncake-real calibrate`")
+    jobs = [(IN_SITU_SCENARIO, "in_situ_r", "a real job of {} ranks")]
+    if cuda and any(k.startswith("in_situ_cuda_r") for k in old):
+        jobs.append((IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r", "a real CUDA job of {} ranks sharing GPU 0"))
+    measured = dict(old)
+    for scenario, job, what in jobs:
+        for k in [k for k in measured if k.startswith(job) and k[len(job):][:1].isdigit()]:
+            del measured[k]
+        measured.update(_in_situ_jobs(scenario, job, what, quick))
+    return _assemble(measured)
+
+
 def cmd_calibrate(args: Any) -> int:
-    data = calibrate(gpu=not getattr(args, "no_gpu", False), quick=getattr(args, "quick", False),
-                     in_situ=not getattr(args, "no_in_situ", False))
+    if getattr(args, "refresh", None):
+        path = args.refresh
+        try:
+            old = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise InputError(path, "", "calibration file not found; write one with `mooncake-real calibrate -o FILE`") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(path, f"line {exc.lineno}", f"not valid JSON ({exc.msg}); write a new one with "
+                             "`mooncake-real calibrate -o FILE`") from None
+        try:
+            data = refresh(old, cuda=not getattr(args, "no_gpu", False), quick=getattr(args, "quick", False))
+        except ValueError as exc:
+            raise InputError(path, "measured", str(exc)) from None
+    else:
+        data = calibrate(gpu=not getattr(args, "no_gpu", False), quick=getattr(args, "quick", False),
+                         in_situ=not getattr(args, "no_in_situ", False))
     text = json.dumps(data, indent=1) + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-in-situ", action="store_true",
                      help="skip running a real job (real-cpu-allreduce) to measure costs inside it; the simulator "
                           "then uses the costs of operations measured alone, which a loaded job exceeds")
+    cal.add_argument("--refresh", metavar="FILE",
+                     help="measure only the in-job figures again (about 20 s on a small host, the CUDA job too "
+                          "unless --no-gpu) and keep FILE's other figures: for a host whose speed has drifted "
+                          "since FILE was written")
 
     disc = sub.add_parser("discover", help="write this machine's topology as a topology YAML file")
     disc.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")

@@ -9,8 +9,10 @@ must give the same canonical trace, verdict and cause, failure scenarios include
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -248,7 +250,6 @@ def test_report_runs_in_rounds_and_measures_the_host_by_the_calibrations_own_job
 def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:
     """benchmarks/probe_mmap.py: one map of a fresh segment is timed and leaves nothing in /dev/shm; without
     CuPy and a GPU the script exits 2 with one line after its plain series."""
-    import os
     from pathlib import Path
 
     bench = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -286,3 +287,105 @@ def test_report_holds_a_calibration_against_its_own_job(tmp_path: object) -> Non
     assert ratio > 0
     path.write_text(json.dumps({"sim": {}}))  # an older file: nothing to check
     assert parity_report.self_check(str(path), load_calibration(str(path)), seeds=2) == []
+
+
+def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """calibrate --refresh: the in-job figures of the jobs asked for are replaced (stale keys included), the
+    figures of operations measured alone are kept, and the constants are derived again from the new ones."""
+    from pathlib import Path
+
+    from mooncake_real import calibrate
+
+    data = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "calibration-h100.json").read_text())
+    old = data["measured"]
+    calls = []
+
+    def jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
+        calls.append(job)
+        keep = {k: v for k, v in old.items() if k.startswith(job) and k[len(job):][:1].isdigit()}
+        fresh = {k: v * 2 for k, v in keep.items() if not k.endswith("_rank_spread")}
+        return fresh
+
+    monkeypatch.setattr(calibrate, "_in_situ_jobs", jobs)
+    got = calibrate.refresh(data, cuda=False)
+    assert calls == ["in_situ_r"]
+    m = got["measured"]
+    assert m["store_ping_rtt_s"] == old["store_ping_rtt_s"] and m["Now_s"] == old["Now_s"]
+    assert m["in_situ_r8_effect_s"] == pytest.approx(2 * old["in_situ_r8_effect_s"])
+    assert "in_situ_r8_rank_spread" in old and "in_situ_r8_rank_spread" not in m  # no stale figure survives
+    assert got["sim_by_ranks"]["8"]["effect_cpu_s"] == pytest.approx(2 * old["in_situ_r8_effect_s"])
+    def same(a: dict[str, Any], b: dict[str, Any]) -> bool:  # the file keeps its figures to 12 digits
+        return a.keys() == b.keys() and all(
+            same(a[k], b[k]) if isinstance(a[k], dict) else a[k] == b[k] if b[k] is None
+            else a[k] == pytest.approx(b[k], rel=1e-9) for k in a)
+
+    assert same(got["sim_cuda_by_ranks"], data["sim_cuda_by_ranks"])  # the CUDA job was not asked for
+    here = dict(data["sim"], host_cpus=float(os.cpu_count() or 1))  # the file was written on a bigger host
+    assert same(got["sim"], here)  # nothing the constants measured alone come from changed
+    calls.clear()
+    both = calibrate.refresh(data, cuda=True)
+    assert calls == ["in_situ_r", "in_situ_cuda_r"]
+    assert both["sim_cuda_by_ranks"]["4"]["effect_cpu_s"] == pytest.approx(2 * old["in_situ_cuda_r4_effect_s"])
+    with pytest.raises(ValueError, match="no in-job figures"):
+        calibrate.refresh({"measured": {"store_ping_rtt_s": 1e-4}, "sim": {}})
+
+
+def test_calibrate_refresh_of_a_file_without_in_job_figures_says_so(tmp_path: object) -> None:
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "old.json"
+    path.write_text(json.dumps({"measured": {"store_ping_rtt_s": 1e-4}, "sim": {}}))
+    for target, says in ((path, "no in-job figures"), (path.with_name("none.json"), "not found")):
+        proc = subprocess.run([sys.executable, "-m", "mooncake_real.cli", "calibrate", "--refresh", str(target)],
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert str(target) in proc.stderr and says in proc.stderr and not proc.stdout
+
+
+def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """parity_report --recalibrate: round k's runs, and every K-th simulator-only draw after them, are
+    simulated with the calibration measured at round k's start; the host's speed is that measurement's."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    from mooncake_sim.parity import ParityResult
+
+    path = Path(str(tmp_path)) / "cal.json"
+    path.write_text(json.dumps({"sim": {}, "measured": {"in_situ_r8_bootstrap_s": 0.05}}))
+    rounds: list[int] = []
+    used: list[tuple[str, object, int]] = []
+
+    def recal(p: str, gpu: bool, k: int, keep: str | None) -> tuple[object, dict[str, float]]:
+        assert p == str(path) and not gpu
+        rounds.append(k)
+        return f"cal{k}", {"in_situ_r8_bootstrap_s": 0.05 * (k + 2)}
+
+    def fake_parity(name: str, *, calibration: object, spread_seed: int, trace_dir: str | None) -> ParityResult:
+        used.append((name, calibration, spread_seed))
+        times = {"phase_times_s": {"bootstrap": 0.01}}
+        return ParityResult(name, "equal", sim=dict(times), real=dict(times))
+
+    def fake_sim_only(name: str, cal: object, seed: int) -> tuple[dict[str, object], int]:
+        used.append((name + "+", cal, seed))
+        return {"phase_times_s": {"bootstrap": 0.01}}, 0
+
+    monkeypatch.setattr(parity_report, "recalibrated", recal)
+    monkeypatch.setattr(parity_report, "parity", fake_parity)
+    monkeypatch.setattr(parity_report, "sim_only", fake_sim_only)
+    monkeypatch.setattr(parity_report, "load_calibration", lambda p: "file")
+    monkeypatch.setattr(parity_report, "self_check", lambda p, c: [])
+    monkeypatch.setattr(parity_report, "host_ping", lambda: 1e-4)
+    assert parity_report.main(["--calibration", str(path), "--only", "a", "b", "--repeat", "2", "--sim-seeds", "4",
+                               "--recalibrate", "--json"]) == 0
+    assert rounds == [0, 1]
+    assert used == [("a", "cal0", 0), ("b", "cal0", 0), ("a", "cal1", 1), ("b", "cal1", 1),
+                    ("a+", "cal0", 2), ("a+", "cal1", 3), ("b+", "cal0", 2), ("b+", "cal1", 3)]
+    err = capsys.readouterr().err
+    assert "per round: 2.00 3.00" in err and "each round simulated with the in-job figures" in err
+    assert "warning" not in err  # the drift was measured and used, not an error
+    path.write_text(json.dumps({"sim": {}, "measured": {"store_ping_rtt_s": 1e-4}}))
+    assert parity_report.main(["--calibration", str(path), "--only", "a", "--recalibrate"]) == 2
+    assert "no in-job figures" in capsys.readouterr().err

@@ -37,9 +37,9 @@ count, a real run of about a second) and prints its bootstrap over the one the f
 file while the report ran. Below the table: the rounds' factors and their median, with a warning when the
 median is off by more than 1.3 times.
 
-``--recalibrate`` measures the calibration's in-job figures again before each round (:func:`recalibrated`,
-``mooncake-real calibrate --refresh``: ``calibrate``'s own jobs, about 20 s on a 2-CPU host, the CUDA job
-too with ``--gpu``) and simulates that round with them, keeping the file's figures of operations measured
+``--recalibrate [SHARE]`` measures the calibration's in-job figures again before each round
+(:func:`recalibrated`, ``mooncake-real calibrate --refresh``: ``calibrate``'s own jobs, about 20 s on a
+2-CPU host, the CUDA job too with ``--gpu``; SHARE 0.5 runs half of them) and simulates that round with them, keeping the file's figures of operations measured
 alone; the simulator-only draws take the rounds' calibrations in turn. The host's speed is then what those
 jobs measured (no second run). This compares the model with the host as it is during the report rather than
 as it was when the file was written: on a small or shared host the two differ by a quarter within minutes.
@@ -256,15 +256,16 @@ def host_speed(ranks: int) -> float | None:
     return max(spans) if spans else None
 
 
-def recalibrated(path: str, gpu: bool, k: int, keep: str | None) -> tuple[Any, dict[str, float]]:
+def recalibrated(path: str, gpu: bool, k: int, keep: str | None, share: float = 1.0) -> tuple[Any, dict[str, float]]:
     """Round ``k``'s calibration: the file at ``path`` with its in-job figures measured again now
     (``mooncake-real calibrate --refresh``; the CUDA job too with ``gpu``), written to
-    ``keep/calibration-<k+1>.json`` when keeping; the loaded constants and the new measurements."""
+    ``keep/calibration-<k+1>.json`` when keeping; the loaded constants and the new measurements. ``share``:
+    that share of ``calibrate``'s in-job runs (``calibrate.in_situ_runs``)."""
     import tempfile
 
     from mooncake_real.calibrate import refresh
 
-    data = refresh(json.loads(Path(path).read_text()), cuda=gpu)
+    data = refresh(json.loads(Path(path).read_text()), cuda=gpu, share=share)
     with tempfile.TemporaryDirectory(prefix="mooncake-report-") as where:
         out = Path(keep or where) / f"calibration-{k + 1}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,10 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each scenario K times in both worlds and compare medians (default 1)")
     ap.add_argument("--keep", metavar="DIR", help="keep each run's traces, outcomes and canonical forms in "
                     "DIR/<scenario>-<k>/ (as mooncake-sim parity --keep)")
-    ap.add_argument("--recalibrate", action="store_true",
+    ap.add_argument("--recalibrate", nargs="?", type=float, const=1.0, metavar="SHARE",
                     help="before each round, measure the calibration's in-job figures again on this host "
                          "(mooncake-real calibrate --refresh, about 20 s on a 2-CPU host) and simulate that "
-                         "round with the result; needs --calibration")
+                         "round with the result; SHARE below 1 runs that share of calibrate's in-job runs "
+                         "(0.5: half, at least 2 per rank count); needs --calibration")
     ap.add_argument("--sim-seeds", type=int, metavar="N",
                     help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
                          f"with the real runs (default: {SIM_SEEDS} or K, whichever is larger, when K > 1; else 1)")
@@ -331,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--repeat must be 1 or more")
     if args.sim_seeds is not None and args.sim_seeds < args.repeat:
         ap.error(f"--sim-seeds must be at least --repeat ({args.repeat})")
-    if args.recalibrate and not args.calibration:
+    if args.recalibrate is not None and not args.calibration:
         ap.error("--recalibrate needs --calibration FILE (the figures it keeps)")
+    if args.recalibrate is not None and not 0 < args.recalibrate <= 1:
+        ap.error("--recalibrate SHARE must be above 0 and at most 1")
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
     then = calibrated_ping(args.calibration) if args.calibration else None
@@ -349,18 +353,18 @@ def main(argv: list[str] | None = None) -> int:
     if then:
         warn(drift_warning(then, host_ping(), "at the start"))
     names = list(args.only or selected(args.gpu))
-    ref = reference_job(args.calibration) if args.calibration and (args.repeat > 1 or args.recalibrate) else None
+    ref = reference_job(args.calibration) if args.calibration and (args.repeat > 1 or args.recalibrate is not None) else None
     speeds: list[float | None] = []
-    if args.recalibrate and ref is None:
+    if args.recalibrate is not None and ref is None:
         print(f"parity_report: {args.calibration}: measured: no in-job figures (in_situ_r<N>_bootstrap_s) to "
               "measure again; write a full calibration with `mooncake-real calibrate -o FILE`", file=sys.stderr)
         return 2
-    cals = [] if args.recalibrate else [cal]  # with --recalibrate: round k's calibration
+    cals = [] if args.recalibrate is not None else [cal]  # with --recalibrate: round k's calibration
     done: dict[str, list[ParityResult]] = {name: [] for name in names}
     for name, k in run_order(names, args.repeat):
         if ref is not None and len(speeds) == k:  # a round starts: the host's speed first
-            if args.recalibrate:
-                got, fresh = recalibrated(args.calibration, args.gpu, k, args.keep)
+            if args.recalibrate is not None:
+                got, fresh = recalibrated(args.calibration, args.gpu, k, args.keep, args.recalibrate)
                 cals.append(got)
                 speeds.append(fresh.get(f"in_situ_r{ref[0]}_bootstrap_s"))
             else:
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row(runs, extra))
     speed_lines: list[str] = []
     if ref is not None:
-        speed_lines, w = speed_summary(ref[1], ref[0], speeds, recalibrated=args.recalibrate)
+        speed_lines, w = speed_summary(ref[1], ref[0], speeds, recalibrated=args.recalibrate is not None)
         for line in speed_lines:
             print(f"parity_report: {line}", file=sys.stderr, flush=True)
         warn(w)

@@ -818,11 +818,13 @@ def in_situ_sim(m: dict[str, float], alone: dict[str, float | None]) -> dict[str
     return out
 
 
-def in_situ_runs(ranks: int) -> int:
+def in_situ_runs(ranks: int, share: float = 1.0) -> int:
     """Real runs of the in-job measurement at ``ranks`` ranks: at least 3, and about 24 rank bootstraps in all,
     so the small jobs, whose warmup race is a coin toss decided by ``rank_spread``, get a steadier figure
-    (2 ranks: 12 runs, 4: 6, 8: 3)."""
-    return max(3, -(-24 // max(1, ranks)))
+    (2 ranks: 12 runs, 4: 6, 8: 3). ``share`` below 1 takes that share of them, at least 2 (``refresh``'s
+    cheaper measurement: 0.5 gives 6, 3, 2)."""
+    full = max(3, -(-24 // max(1, ranks)))
+    return full if share >= 1 else max(2, round(full * share))
 
 
 def interleaved(runs: dict[int, int]) -> list[int]:
@@ -833,7 +835,7 @@ def interleaved(runs: dict[int, int]) -> list[int]:
     return [ranks for _, _, ranks in slots]
 
 
-def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
+def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool, share: float = 1.0) -> dict[str, float]:
     """:class:`InSitu` figures of ``scenario`` at each of :data:`IN_SITU_RANKS` (their runs interleaved),
     keyed ``<job><N>_...``."""
     from mooncake_protocol.scenario import load_scenario
@@ -841,7 +843,7 @@ def _in_situ_jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, 
     from .runner import run_job
 
     out: dict[str, float] = {}
-    runs = {ranks: 1 if quick else in_situ_runs(ranks) for ranks in IN_SITU_RANKS}
+    runs = {ranks: 1 if quick else in_situ_runs(ranks, share) for ranks in IN_SITU_RANKS}
     order = interleaved(runs)
     with tempfile.TemporaryDirectory(prefix="mooncake-calibrate-") as where:
         accs = {ranks: InSitu(load_scenario(in_situ_scenario(ranks, where, scenario))) for ranks in IN_SITU_RANKS}
@@ -917,13 +919,14 @@ def _assemble(measured: dict[str, float]) -> dict[str, Any]:
     return out
 
 
-def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False) -> dict[str, Any]:
+def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, share: float = 1.0) -> dict[str, Any]:
     """``data`` (a calibration file's contents) with its in-job figures measured again on this host now, and
     the constants derived again; the figures of operations measured alone are kept.
 
     The jobs are ``calibrate``'s own (:data:`IN_SITU_SCENARIO`, and :data:`IN_SITU_CUDA_SCENARIO` where
     ``data`` has the CUDA job's figures and ``cuda`` is true), so this takes a small fraction of a full
-    calibration (about 20 s on a 2-CPU host). A small host's speed drifts by a quarter within minutes
+    calibration (about 20 s on a 2-CPU host; the CPU and CUDA jobs 100 s on a lent H100 host, whose processes
+    start slower); ``share`` below 1 runs that share of the runs (:func:`in_situ_runs`). A small host's speed drifts by a quarter within minutes
     (docs/parity.md): what a job costs is what drifts most, and this measures it again right before it is used.
     """
     old = data.get("measured")
@@ -937,7 +940,7 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False) -> 
     for scenario, job, what in jobs:
         for k in [k for k in measured if k.startswith(job) and k[len(job):][:1].isdigit()]:
             del measured[k]
-        measured.update(_in_situ_jobs(scenario, job, what, quick))
+        measured.update(_in_situ_jobs(scenario, job, what, quick, share))
     return _assemble(measured)
 
 

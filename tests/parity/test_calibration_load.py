@@ -154,6 +154,7 @@ def test_the_rank_spread_pools_every_rank_of_every_run() -> None:
     assert pooled_rank_spread(runs) == pytest.approx(((4 * 0.01 ** 2 + 2 * 0.4 ** 2) / 3) ** 0.5)
     assert pooled_rank_spread([[5.0], []]) is None  # no run with two ranks
     assert in_situ_runs(2) == 12 and in_situ_runs(4) == 6 and in_situ_runs(8) == 3 and in_situ_runs(64) == 3
+    assert [in_situ_runs(n, 0.5) for n in (2, 4, 8, 64)] == [6, 3, 2, 2]  # refresh's cheaper measurement
 
 
 def rank_spread_of(spans: list[float]) -> float:

@@ -300,7 +300,7 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
     old = data["measured"]
     calls = []
 
-    def jobs(scenario: str, job: str, what: str, quick: bool) -> dict[str, float]:
+    def jobs(scenario: str, job: str, what: str, quick: bool, share: float) -> dict[str, float]:
         calls.append(job)
         keep = {k: v for k, v in old.items() if k.startswith(job) and k[len(job):][:1].isdigit()}
         fresh = {k: v * 2 for k, v in keep.items() if not k.endswith("_rank_spread")}
@@ -358,8 +358,8 @@ def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: py
     rounds: list[int] = []
     used: list[tuple[str, object, int]] = []
 
-    def recal(p: str, gpu: bool, k: int, keep: str | None) -> tuple[object, dict[str, float]]:
-        assert p == str(path) and not gpu
+    def recal(p: str, gpu: bool, k: int, keep: str | None, share: float) -> tuple[object, dict[str, float]]:
+        assert p == str(path) and not gpu and share == 1.0
         rounds.append(k)
         return f"cal{k}", {"in_situ_r8_bootstrap_s": 0.05 * (k + 2)}
 
@@ -386,6 +386,10 @@ def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: py
     err = capsys.readouterr().err
     assert "per round: 2.00 3.00" in err and "each round simulated with the in-job figures" in err
     assert "warning" not in err  # the drift was measured and used, not an error
+    monkeypatch.setattr(parity_report, "recalibrated", lambda p, gpu, k, keep, share: (f"half{share}", {}))
+    used.clear()
+    assert parity_report.main(["--calibration", str(path), "--only", "a", "--recalibrate", "0.5", "--json"]) == 0
+    assert used == [("a", "half0.5", 0)]  # a single run: one round, recalibrated all the same
     path.write_text(json.dumps({"sim": {}, "measured": {"store_ping_rtt_s": 1e-4}}))
     assert parity_report.main(["--calibration", str(path), "--only", "a", "--recalibrate"]) == 2
     assert "no in-job figures" in capsys.readouterr().err

@@ -39,10 +39,11 @@ median is off by more than 1.3 times.
 
 ``--recalibrate [SHARE]`` measures the calibration's in-job figures again before each round
 (:func:`recalibrated`, ``mooncake-real calibrate --refresh``: ``calibrate``'s own jobs, about 20 s on a
-2-CPU host, the CUDA job too with ``--gpu``; SHARE 0.5 runs half of them) and simulates that round with them, keeping the file's figures of operations measured
-alone; the simulator-only draws take the rounds' calibrations in turn. The host's speed is then what those
-jobs measured (no second run). This compares the model with the host as it is during the report rather than
-as it was when the file was written: on a small or shared host the two differ by a quarter within minutes.
+2-CPU host, the CUDA job too with ``--gpu``; SHARE 0.5 runs half of them) and simulates that round with
+them, keeping the file's figures of operations measured alone; the simulator-only draws take the rounds'
+calibrations in turn. The host's speed is then what those jobs measured (no second run). This compares the
+model with the host as it is during the report rather than as it was when the file was written: on a small
+or shared host the two differ by a quarter within minutes.
 """
 
 from __future__ import annotations

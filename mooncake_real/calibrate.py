@@ -924,10 +924,12 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, sha
     the constants derived again; the figures of operations measured alone are kept.
 
     The jobs are ``calibrate``'s own (:data:`IN_SITU_SCENARIO`, and :data:`IN_SITU_CUDA_SCENARIO` where
-    ``data`` has the CUDA job's figures and ``cuda`` is true), so this takes a small fraction of a full
-    calibration (about 20 s on a 2-CPU host; the CPU and CUDA jobs 100 s on a lent H100 host, whose processes
-    start slower); ``share`` below 1 runs that share of the runs (:func:`in_situ_runs`). A small host's speed drifts by a quarter within minutes
-    (docs/parity.md): what a job costs is what drifts most, and this measures it again right before it is used.
+    ``data`` has the CUDA job's figures, ``cuda`` is true and this host has CuPy and a GPU; otherwise the
+    CUDA job's figures are kept, with a note on stderr), so this takes a fraction of a full calibration (about
+    20 s on a 2-CPU host; the CPU and CUDA jobs 100 s on a lent H100 host, whose processes start slower).
+    ``share`` below 1 runs that share of the runs (:func:`in_situ_runs`). A small host's speed drifts by a
+    quarter within minutes (docs/parity.md): what a job costs is what drifts most, and this measures it again
+    right before it is used. The result says which machine the kept figures came from (``refreshed_from``).
     """
     old = data.get("measured")
     if not isinstance(old, dict) or not any(k.startswith("in_situ_r") for k in old):
@@ -935,13 +937,29 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, sha
                          "write a full one with `mooncake-real calibrate`")
     jobs = [(IN_SITU_SCENARIO, "in_situ_r", "a real job of {} ranks")]
     if cuda and any(k.startswith("in_situ_cuda_r") for k in old):
-        jobs.append((IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r", "a real CUDA job of {} ranks sharing GPU 0"))
+        if gpu_here():
+            jobs.append((IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r", "a real CUDA job of {} ranks sharing GPU 0"))
+        else:
+            print("calibrate: no CuPy or no GPU here: the CUDA job's figures are kept as they were",
+                  file=sys.stderr, flush=True)
     measured = dict(old)
     for scenario, job, what in jobs:
         for k in [k for k in measured if k.startswith(job) and k[len(job):][:1].isdigit()]:
             del measured[k]
         measured.update(_in_situ_jobs(scenario, job, what, quick, share))
-    return _assemble(measured)
+    out = _assemble(measured)
+    out["refreshed_from"] = data.get("refreshed_from") or data.get("machine")
+    return out
+
+
+def gpu_here() -> bool:
+    """Whether CuPy imports and sees a device (as :func:`measure_gpu` requires)."""
+    try:
+        import cupy as cp
+
+        return bool(cp.cuda.runtime.getDeviceCount() >= 1)
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device
+        return False
 
 
 def cmd_calibrate(args: Any) -> int:

@@ -307,6 +307,7 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
         return fresh
 
     monkeypatch.setattr(calibrate, "_in_situ_jobs", jobs)
+    monkeypatch.setattr(calibrate, "gpu_here", lambda: True)
     got = calibrate.refresh(data, cuda=False)
     assert calls == ["in_situ_r"]
     m = got["measured"]
@@ -326,6 +327,11 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
     both = calibrate.refresh(data, cuda=True)
     assert calls == ["in_situ_r", "in_situ_cuda_r"]
     assert both["sim_cuda_by_ranks"]["4"]["effect_cpu_s"] == pytest.approx(2 * old["in_situ_cuda_r4_effect_s"])
+    assert both["refreshed_from"] == data["machine"]  # where the kept figures were measured
+    monkeypatch.setattr(calibrate, "gpu_here", lambda: False)
+    calls.clear()
+    kept = calibrate.refresh(data, cuda=True)  # a host without a GPU keeps the CUDA job's figures
+    assert calls == ["in_situ_r"] and same(kept["sim_cuda_by_ranks"], data["sim_cuda_by_ranks"])
     with pytest.raises(ValueError, match="no in-job figures"):
         calibrate.refresh({"measured": {"store_ping_rtt_s": 1e-4}, "sim": {}})
 

@@ -965,6 +965,8 @@ def gpu_here() -> bool:
 def cmd_calibrate(args: Any) -> int:
     if getattr(args, "refresh", None):
         path = args.refresh
+        if getattr(args, "no_in_situ", False):
+            raise InputError(path, "--no-in-situ", "--refresh measures only the in-job figures; drop one of the two")
         try:
             old = json.loads(Path(path).read_text())
         except FileNotFoundError:

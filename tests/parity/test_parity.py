@@ -346,6 +346,9 @@ def test_calibrate_refresh_of_a_file_without_in_job_figures_says_so(tmp_path: ob
                               capture_output=True, text=True, timeout=60, check=False)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert str(target) in proc.stderr and says in proc.stderr and not proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "mooncake_real.cli", "calibrate", "--refresh", str(path), "--no-in-situ"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2 and "drop one of the two" in proc.stderr and proc.stderr.count("\n") == 1
 
 
 def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: pytest.MonkeyPatch,

@@ -25,6 +25,11 @@ Rules of this module:
 
 from __future__ import annotations
 
+# socket.getaddrinfo (the port probe's create_connection) encodes a str host with the "idna" codec, whose first
+# use imports encodings.idna, stringprep and unicodedata: 2 ms alone and 3-6 ms inside a loaded job, once per
+# process, which landed on a rank's first RPC (the poller's first GetSegmentDesc took 5-6 ms where its later
+# first calls to other servers took 2 ms). Imported here, with the driver, it is process start-up.
+import encodings.idna  # noqa: F401
 import errno
 import heapq
 import ipaddress

@@ -169,3 +169,13 @@ def test_serve_on_unbound_port_serves_nothing():
 def test_bad_target():
     r = RpcClient().call("no-port-here", "echo", b"", 0.5)
     assert (r.ok, r.error) == (False, "unreachable")
+
+
+def test_the_driver_loads_the_host_name_codec_at_import_not_at_a_ranks_first_call() -> None:
+    """socket.getaddrinfo (the port probe) encodes a str host with the idna codec; its first use imports
+    encodings.idna (2 ms alone, 3-6 ms in a loaded job), which had landed on each rank's first RPC. Importing
+    the real driver's RPC module must load it, so a fresh process's first call does not."""
+    code = ("import sys; import mooncake_real.rpc; "
+            "print('encodings.idna' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "True"

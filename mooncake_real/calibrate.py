@@ -937,7 +937,9 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, sha
                          "write a full one with `mooncake-real calibrate`")
     jobs = [(IN_SITU_SCENARIO, "in_situ_r", "a real job of {} ranks")]
     if cuda and any(k.startswith("in_situ_cuda_r") for k in old):
-        if gpu_here():
+        from .gpu import cupy_or_none
+
+        if cupy_or_none() is not None:
             jobs.append((IN_SITU_CUDA_SCENARIO, "in_situ_cuda_r", "a real CUDA job of {} ranks sharing GPU 0"))
         else:
             print("calibrate: no CuPy or no GPU here: the CUDA job's figures are kept as they were",
@@ -950,16 +952,6 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, sha
     out = _assemble(measured)
     out["refreshed_from"] = data.get("refreshed_from") or data.get("machine")
     return out
-
-
-def gpu_here() -> bool:
-    """Whether CuPy imports and sees a device (as :func:`measure_gpu` requires)."""
-    try:
-        import cupy as cp
-
-        return bool(cp.cuda.runtime.getDeviceCount() >= 1)
-    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device
-        return False
 
 
 def cmd_calibrate(args: Any) -> int:

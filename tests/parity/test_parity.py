@@ -294,7 +294,7 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
     figures of operations measured alone are kept, and the constants are derived again from the new ones."""
     from pathlib import Path
 
-    from mooncake_real import calibrate
+    from mooncake_real import calibrate, gpu
 
     data = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "calibration-h100.json").read_text())
     old = data["measured"]
@@ -307,7 +307,7 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
         return fresh
 
     monkeypatch.setattr(calibrate, "_in_situ_jobs", jobs)
-    monkeypatch.setattr(calibrate, "gpu_here", lambda: True)
+    monkeypatch.setattr(gpu, "cupy_or_none", lambda: object())
     got = calibrate.refresh(data, cuda=False)
     assert calls == ["in_situ_r"]
     m = got["measured"]
@@ -328,7 +328,7 @@ def test_refresh_measures_the_in_job_figures_again_and_keeps_the_rest(monkeypatc
     assert calls == ["in_situ_r", "in_situ_cuda_r"]
     assert both["sim_cuda_by_ranks"]["4"]["effect_cpu_s"] == pytest.approx(2 * old["in_situ_cuda_r4_effect_s"])
     assert both["refreshed_from"] == data["machine"]  # where the kept figures were measured
-    monkeypatch.setattr(calibrate, "gpu_here", lambda: False)
+    monkeypatch.setattr(gpu, "cupy_or_none", lambda: None)
     calls.clear()
     kept = calibrate.refresh(data, cuda=True)  # a host without a GPU keeps the CUDA job's figures
     assert calls == ["in_situ_r"] and same(kept["sim_cuda_by_ranks"], data["sim_cuda_by_ranks"])

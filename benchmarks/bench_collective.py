@@ -12,6 +12,7 @@ path within a node and between nodes).
     PYTHONPATH=. python benchmarks/bench_collective.py 8 64          # chosen sizes
     PYTHONPATH=. python benchmarks/bench_collective.py --count 262144 512   # a smaller tensor
     PYTHONPATH=. python benchmarks/bench_collective.py --profile 64  # cProfile top 25 (stderr)
+    PYTHONPATH=. python benchmarks/bench_collective.py --phases 512  # where the wall time goes, by phase
 
 A shared machine's speed drifts (the 2-core development VM ran from 0.64 to 0.91 M bare SimPy events/s
 within one day): the script prints the bare SimPy rate of ``bench_bootstrap.py`` before and after the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +106,49 @@ def link_rates(t: topo.Topology) -> str:
     return ", ".join(out)
 
 
-def run_sim(n: int, count: int, tmp: Path, profile: bool = False) -> dict[str, Any]:
+class PhasedSimulation(Simulation):
+    """A :class:`Simulation` that notes the wall clock at rank 0's milestones (``--phases``): the start of the
+    collective, the data phase of each chunk it simulates in detail, and the fast-forward. Wall time is the
+    whole simulation's (every rank's work in between), read at the moment rank 0 gets there."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.wall_at: list[tuple[str, float]] = []
+
+    def _mark(self, r: Any, act: Any, m: Any) -> None:
+        super()._mark(r, act, m)
+        if r.env.rank:
+            return
+        if m.name == "collective_start":
+            self.wall_at.append(("collective", time.perf_counter()))
+        elif m.name == "task_phase" and ("phase", "data") in m.data:
+            self.wall_at.append((f"chunk {dict(m.data)['seq']}", time.perf_counter()))
+        elif m.name == "fast_forward":
+            self.wall_at.append((f"fast-forward over {dict(m.data)['chunks']} chunks", time.perf_counter()))
+
+
+def phase_split(wall_at: list[tuple[str, float]], t0: float, t1: float) -> str:
+    """``--phases``: the wall seconds from each of rank 0's milestones to the next (the first span is the
+    bootstrap and warmup, the last one runs to the end of the simulation)."""
+    names = ["bootstrap + warmup"] + [name for name, _ in wall_at]
+    times = [t0] + [t for _, t in wall_at] + [t1]
+    spans = []
+    for i, name in enumerate(names):
+        if name == "collective":
+            continue  # no time passes between the collective's start and its chunk 0
+        end = times[i + 1]
+        if i + 2 < len(times) and names[i + 1] == "collective":
+            end = times[i + 2]
+        spans.append(f"{name} {end - times[i]:.2f} s")
+    return "; ".join(spans)
+
+
+def run_sim(n: int, count: int, tmp: Path, profile: bool = False, phases: bool = False) -> dict[str, Any]:
     sc = load_scenario(str(scenario_file(n, count, tmp)))
-    sim = Simulation(sc)
+    sim = PhasedSimulation(sc) if phases else Simulation(sc)
+    t0 = time.perf_counter()
     rec, wall, n_events = timed_run(sim, profile)
+    t1 = time.perf_counter()
     times = [pt["done"] - pt["collective"] for pt in rec.phase_times.values() if "collective" in pt and "done" in pt]
     coll = max(times) if times else float("nan")
     nbytes = count * 4
@@ -115,7 +156,8 @@ def run_sim(n: int, count: int, tmp: Path, profile: bool = False) -> dict[str, A
     return {"ranks": n, "wall_s": wall, "events": n_events, "effects": rec.stats["effects"],
             "writes": rec.stats["writes"], "chunks": -(-nbytes // chunk_bytes(n)), "coll_s": coll,
             "busbw": 2 * (n - 1) / n * nbytes / coll if coll > 0 else float("nan"),
-            "links": link_rates(sc.topology), "ok": ok, "end": rec.end_reason}
+            "links": link_rates(sc.topology), "ok": ok, "end": rec.end_reason,
+            "phases": phase_split(sim.wall_at, t0, t1) if isinstance(sim, PhasedSimulation) else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 512])
     ap.add_argument("--count", type=int, default=COUNT, help=f"int32 elements per rank (default {COUNT} = 64 MiB)")
     ap.add_argument("--profile", action="store_true", help="cProfile each run (top 25 by own time, to stderr)")
+    ap.add_argument("--phases", action="store_true",
+                    help="print where each run's wall time went: seconds between rank 0's milestones (the collective's "
+                         "start, each chunk simulated in detail, the fast-forward)")
     ap.add_argument("--no-bare", action="store_true",
                     help="skip the bare SimPy rate printed before and after (this machine's speed at the time)")
     args = ap.parse_args(argv)
@@ -140,12 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     with tempfile.TemporaryDirectory() as d:
         for n in args.sizes:
-            r = run_sim(n, args.count, Path(d), args.profile)
+            r = run_sim(n, args.count, Path(d), args.profile, args.phases)
             failed |= not r["ok"]
             print(f"{r['ranks']:>6} {r['wall_s']:>8.2f} {r['events']:>11,} {r['effects']:>11,} "
                   f"{r['events'] / r['wall_s']:>10,.0f} {r['chunks']:>7,} {r['writes']:>11,} "
                   f"{r['coll_s'] * 1e3:>9.3f} ms {r['busbw'] / 1e9:>11.1f}  {r['links']}; "
                   f"{'completed' if r['ok'] else 'FAILED: ' + r['end']}", flush=True)
+            if r["phases"]:
+                print(f"{'':>6} wall by rank 0's milestones: {r['phases']}", flush=True)
     bare("after")
     return 1 if failed else 0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .diagnosis import Diagnosis, diagnose
 from .rankenv import RankEnv
+from .scenario import Expect
 from .trace import PHASES, Blocked
 
 
@@ -194,7 +195,10 @@ def evaluate(rec: RunRecord, scenario: Any) -> Outcome:
         seen.add(key)
         transports[f"{pair_class(a, b)} {d.get('kind')}"][str(d.get("transport"))] += 1
     exp = scenario.expect
-    expect = {"verdict": exp.verdict, "phase": exp.phase, "cause": exp.cause, "active_ranks": exp.active_ranks}
+    if exp is None:  # a scenario without ``expect`` is expected to complete cleanly (docs/scenario-format.md)
+        exp = Expect("completed")
+    expect = {"verdict": exp.verdict, "phase": exp.phase, "cause": exp.cause, "active_ranks": exp.active_ranks,
+              "given": scenario.expect is not None}
     mismatches = []
     if verdict != exp.verdict:
         mismatches.append(f"verdict {verdict}, expected {exp.verdict}")
@@ -276,6 +280,8 @@ def format_summary(o: Outcome, *, max_blocked: int = 12) -> str:
         lines.append(f"  wait-for  {len(edges)} edges, e.g. " + "; ".join(f"{a} -> {b}" for a, b in edges[:4]))
     exp = o.expect
     want = exp["verdict"] + (f" ({exp['cause']})" if exp.get("cause") else "")
+    if not exp.get("given", True):
+        want += " (the scenario has no expect: the default)"
     if o.matches:
         lines.append(f"  expect    {want}: matches")
     else:

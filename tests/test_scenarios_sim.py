@@ -31,3 +31,23 @@ def test_the_cli_freezes_the_collector_at_exit() -> None:
             "import mooncake_sim.cli as c; print('registered', c._FREEZE_AT_EXIT)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True).stdout
     assert "registered True" in out and out.rstrip().endswith("frozen True"), out
+
+
+def test_a_scenario_without_expect_is_expected_to_complete(tmp_path, capsys) -> None:
+    """``expect`` is optional (docs/scenario-format.md): without it a run must complete cleanly, and the report
+    says that this is the default. A float16 allreduce is rejected on the GPU backend: exit 1."""
+    from mooncake_sim.cli import main
+
+    base = "name: mine\ntopology: hgx-h100\nranks: 4\nworkload:\n  - {op: allreduce, dtype: %s, count: 8}\n"
+    ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"
+    ok.write_text(base % "int32")
+    bad.write_text(base % "float16")
+    assert main(["run", str(ok)]) == 0
+    out = capsys.readouterr().out
+    assert "expect    completed (the scenario has no expect: the default): matches" in out, out
+    assert main(["run", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT MATCH: verdict error, expected completed" in out, out
+    outcome = run_one(load_scenario(str(ok)))
+    assert outcome.expect["given"] is False and outcome.to_json()["matches_expect"] is True
+    assert run_one(load_scenario("real-cpu-allreduce")).expect["given"] is True

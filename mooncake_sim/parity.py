@@ -178,7 +178,9 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
             tmp.cleanup()
 
 
-def format_parity(p: ParityResult) -> str:
+def format_parity(p: ParityResult, calibrated: bool = True) -> str:
+    """The readable result of ``mooncake-sim parity``; ``calibrated=False`` adds why the time ratios are far
+    from 1 (an uncalibrated simulator charges no host CPU)."""
     if p.status == "unrealisable":
         return p.message
     if p.status == "real-failed":
@@ -195,6 +197,9 @@ def format_parity(p: ParityResult) -> str:
             s_t, r_t = ps.get(ph), pr.get(ph)
             parts.append(f"{ph} {_ms(s_t)}/{_ms(r_t)}" + (f" = {r:.2f}" if r is not None else ""))
         lines.append("  time  simulated/measured: " + ", ".join(parts))
+        if not calibrated:
+            lines.append("        (uncalibrated: the simulator charges no CPU time for this host's work; for its times "
+                         "run `mooncake-real calibrate -o cal.json`, then pass --calibration cal.json)")
     if any(p.missed_checks.values()):
         lines.append("  key checks that missed (a warmup race lost, a 50 ms retry): "
                      + ", ".join(f"{side} {n}" for side, n in p.missed_checks.items()))
@@ -219,5 +224,5 @@ def cmd_parity(args: argparse.Namespace) -> int:
     elif p.status == "unrealisable":
         print(p.message, file=sys.stderr)
     else:
-        print(format_parity(p))
+        print(format_parity(p, calibrated=calibration is not None))
     return p.exit_code

@@ -87,6 +87,20 @@ def test_parity_cli_equal(tmp_path: object) -> None:
     assert proc.stdout.splitlines()[0] == "real-cpu-bootstrap-2: equal"
 
 
+@pytest.mark.timeout(90)
+def test_parity_cli_of_a_scenario_without_expect(tmp_path: Any) -> None:
+    """A user's scenario without ``expect`` runs in both worlds; uncalibrated, the report says why its time
+    ratios are far from 1."""
+    sc = tmp_path / "mine.yaml"
+    sc.write_text("name: mine\ntopology: cpu-host\nranks: 2\nbackend: cpu\n"
+                  "workload:\n  - {op: allreduce, dtype: int32, count: 4, reduce_op: sum}\n")
+    proc = subprocess.run([sys.executable, "-m", "mooncake_sim.cli", "parity", str(sc)],
+                          capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "mine: equal" and "uncalibrated" in proc.stdout, proc.stdout
+
+
 def test_calibration_fields_match_the_simulator() -> None:
     import dataclasses
 

@@ -31,7 +31,8 @@ def resolve(ref: str, package: str, relative_to: Path | None = None, *, file: st
         if p.is_file():
             return p
         names = ", ".join(bundled_names(package))
-        raise InputError(file or ref, key, f"no bundled {package[:-1]} named {ref!r}; use one of: {names}, or give a path to a .yaml file")
+        kind = {"topologies": "topology", "scenarios": "scenario"}.get(package, package)
+        raise InputError(file or ref, key, f"no bundled {kind} named {ref!r}; use one of: {names}, or give a path to a .yaml file")
     path = Path(ref)
     if not path.is_absolute() and relative_to is not None:
         candidate = relative_to / path

@@ -44,6 +44,7 @@ CASES: dict[str, tuple[str, str]] = {
     "scen-reduce-op-on-broadcast.yaml": ("workload[0].reduce_op", "not broadcast"),
     "scen-unknown-top-key.yaml": ("rank", "did you mean 'ranks'"),
     "scen-missing-topology-file.yaml": ("topology", "not found"),
+    "scen-unknown-topology.yaml": ("topology", "no bundled topology named 'hgx-h1000'; use one of: cpu-host,"),
     "scen-bad-dtype.yaml": ("workload[0].dtype", "float8"),
 }
 

@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     from .launch_env import LaunchEnvError
 
     try:
+        deadline = getattr(args, "deadline", None)
+        if deadline is not None and not deadline > 0:  # (also NaN)
+            raise InputError("--deadline", "", f"must be a positive number of seconds, got {deadline:g}")
         if args.cmd == "run":
             from .runner import cmd_run
 

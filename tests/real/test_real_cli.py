@@ -35,6 +35,14 @@ def test_rank_without_token_exit_2(capsys, monkeypatch):
     assert "MOONCAKE_REAL_TOKEN" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("cmd", [["run", "real-cpu-bootstrap-2"], ["rank", "--token", "t"]])
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_a_deadline_that_is_not_positive_is_one_line_exit_2(cmd, value, capsys):
+    assert main([*cmd, "--deadline", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mooncake-real: --deadline: must be a positive number of seconds, got {float(value):g}", err
+
+
 def test_run_unknown_scenario_exit_2(capsys):
     assert main(["run", "no-such-scenario-anywhere"]) == 2
     assert "no bundled scenario" in capsys.readouterr().err

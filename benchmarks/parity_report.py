@@ -56,7 +56,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from mooncake_protocol.resources import bundled_names
+from mooncake_protocol.errors import InputError
+from mooncake_protocol.resources import bundled_names, check_output
 from mooncake_protocol.scenario import load_scenario
 from mooncake_sim.parity import ParityResult, format_parity, missed_checks, parity, sim_outcome
 from mooncake_sim.runner import load_calibration
@@ -338,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--recalibrate needs --calibration FILE (the figures it keeps)")
     if args.recalibrate is not None and not 0 < args.recalibrate <= 1:
         ap.error("--recalibrate SHARE must be above 0 and at most 1")
+    if args.keep:
+        try:
+            check_output(args.keep, "--keep", directory=True)
+        except InputError as exc:
+            ap.error(str(exc))
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
     cal = load_calibration(args.calibration) if args.calibration else None
     then = calibrated_ping(args.calibration) if args.calibration else None

@@ -2,11 +2,14 @@
 
 ``resolve("gb200-nvl72", "topologies")`` finds ``topologies/gb200-nvl72.yaml`` shipped with the package;
 ``resolve("my/rack.yaml", "topologies")`` is that path (relative to ``relative_to`` when given, else to the
-current directory). Reading files a user named is the only I/O the protocol layer does.
+current directory). Reading files a user named, and checking that a path a user named for output can be
+written (:func:`check_output`, before a long run rather than after it), is the only I/O the protocol layer
+does.
 """
 
 from __future__ import annotations
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -41,3 +44,32 @@ def resolve(ref: str, package: str, relative_to: Path | None = None, *, file: st
     if not path.is_file():
         raise InputError(file or ref, key, f"file {ref!r} not found; check the path (relative paths are taken from the file that names them)")
     return path
+
+
+def check_output(path: str, option: str, *, directory: bool = False) -> None:
+    """Raise :class:`InputError` (naming ``option``) when ``path`` cannot be written: a file (``directory``
+    False; ``-`` is stdout) whose directory is missing or read-only, or that is a directory itself; or a
+    directory (``directory`` True, made with its parents when missing) under a file or a read-only parent.
+    Commands call it before they run, so a long run is not lost to a typo in an output path."""
+    if not directory and path == "-":
+        return
+    p = Path(path)
+    if directory:
+        if p.exists() and not p.is_dir():
+            raise InputError(option, "", f"cannot use {path}: it is a file, not a directory; pick another path")
+        parent = p
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise InputError(option, "", f"cannot make {path}: {parent} is a file; pick another path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise InputError(option, "", f"cannot write in {parent}: permission denied; pick another path")
+        return
+    if p.is_dir():
+        raise InputError(option, "", f"cannot write {path}: it is a directory; name a file")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(option, "", f"cannot write {path}: directory {parent} does not exist; create it or pick "
+                                     "another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise InputError(option, "", f"cannot write {path}: permission denied; pick another path")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncake_protocol.errors import InputError
+from mooncake_protocol.resources import check_output
 
 from .driver import WAIT_POLL_MAX_S
 from .rpc import DEAD_PEER_CHECK_S
@@ -955,6 +956,8 @@ def refresh(data: dict[str, Any], *, cuda: bool = True, quick: bool = False, sha
 
 
 def cmd_calibrate(args: Any) -> int:
+    if args.output:  # before the measurements, not after them
+        check_output(args.output, "--output")
     if getattr(args, "refresh", None):
         path = args.refresh
         if getattr(args, "no_in_situ", False):

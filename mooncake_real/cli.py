@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from mooncake_protocol.errors import InputError
+from mooncake_protocol.resources import check_output
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,6 +98,8 @@ def _my_address(master: str) -> str:
 def cmd_discover(args: argparse.Namespace) -> int:
     from .discover import discover, to_yaml
 
+    if args.output:
+        check_output(args.output, "--output")
     text = to_yaml(discover())
     if args.output:
         Path(args.output).write_text(text)

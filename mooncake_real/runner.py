@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mooncake_protocol.resources import check_output
+
 from .launcher import Faults, JobResult, check_realisable, launch
 
 #: ``mooncake-real run`` with no scenario runs this bundled CPU scenario (no GPU needed).
@@ -205,6 +207,8 @@ def cmd_run(args: Any) -> int:
     from mooncake_protocol.scenario import load_scenario
 
     scenario = load_scenario(args.scenario or DEFAULT_SCENARIO)
+    if args.trace:
+        check_output(args.trace, "--trace")
     outcome, result = run_outcome(scenario, trace=args.trace, deadline_s=args.deadline, keep_job_dir=args.keep)
     if args.json:
         print(json.dumps(outcome.to_json()))

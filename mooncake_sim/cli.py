@@ -145,8 +145,11 @@ def topology_summary(ref: str) -> str:
 
 
 def cmd_topo_show(args: argparse.Namespace) -> int:
+    from mooncake_protocol.resources import check_output
     from mooncake_protocol.topology import load_topology, to_dot
 
+    if args.dot:
+        check_output(args.dot, "--dot")
     print(topology_summary(args.topology))
     if args.dot:
         text = to_dot(load_topology(args.topology))

@@ -25,6 +25,7 @@ import mooncake_protocol
 from mooncake_protocol.canonical import canonical, diff
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.outcome import evaluate
+from mooncake_protocol.resources import check_output
 from mooncake_protocol.scenario import load_scenario
 
 from .driver import Calibration, simulate
@@ -216,6 +217,8 @@ def _ms(t: float | None) -> str:
 
 def cmd_parity(args: argparse.Namespace) -> int:
     calibration = load_calibration(args.calibration) if args.calibration else None
+    if args.keep:
+        check_output(args.keep, "--keep", directory=True)
     if args.deadline is not None and args.deadline <= 0:
         raise InputError("--deadline", "", "must be a positive number of seconds")
     p = parity(args.scenario, calibration=calibration, deadline_s=args.deadline, trace_dir=args.keep)

@@ -18,6 +18,7 @@ from typing import Any
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.outcome import Outcome, evaluate, format_summary
 from mooncake_protocol.policy import PRESETS, make_policy
+from mooncake_protocol.resources import check_output
 from mooncake_protocol.scenario import load_scenario
 
 from .driver import CONSTANTS, Calibration, simulate
@@ -135,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise InputError("mooncake-sim run", "--policy/--trace", "name a scenario to use --policy or --trace")
         return _flagship(args, calibration)
     scenario = load_scenario(args.scenario)
+    if args.trace:
+        check_output(args.trace, "--trace")
     if args.seed is not None:
         scenario = dataclasses.replace(scenario, seed=args.seed)
     if args.policy:

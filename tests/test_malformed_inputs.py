@@ -110,3 +110,45 @@ def test_help_everywhere(capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--help"], ["validate", "--help"], ["topo", "--help"], ["topo", "show", "--help"], ["run", "--help"]):
         assert main(argv) == 0
     assert main(["bogus"]) == 2
+
+
+def test_check_output_names_the_option_and_what_is_wrong(tmp_path: Path) -> None:
+    from mooncake_protocol.errors import InputError
+    from mooncake_protocol.resources import check_output
+
+    check_output("-", "--trace")
+    check_output(str(tmp_path / "t.jsonl"), "--trace")
+    check_output(str(tmp_path / "new" / "deeper"), "--keep", directory=True)  # made with its parents later
+    (tmp_path / "f").write_text("")
+    cases = [((str(tmp_path / "no" / "t.jsonl"), "--trace"), f"directory {tmp_path / 'no'} does not exist"),
+             ((str(tmp_path), "--trace"), "it is a directory; name a file"),
+             ((str(tmp_path / "f"), "--keep", True), "it is a file, not a directory"),
+             ((str(tmp_path / "f" / "sub"), "--keep", True), f"{tmp_path / 'f'} is a file")]
+    for args, words in cases:
+        with pytest.raises(InputError) as exc:
+            check_output(*args[:2], directory=len(args) > 2)
+        assert str(exc.value).startswith(f"{args[1]}: cannot ") and words in str(exc.value), str(exc.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "real-cpu-bootstrap-2", "--trace", "{missing}/t.jsonl"],
+    ["topo", "show", "hgx-h100", "--dot", "{missing}/g.dot"],
+    ["parity", "real-cpu-bootstrap-2", "--keep", "{file}"],
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(
+        argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import mooncake_sim.parity
+    import mooncake_sim.runner
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("ran although its output could not be written")
+
+    monkeypatch.setattr(mooncake_sim.runner, "run_one", never)
+    monkeypatch.setattr(mooncake_sim.parity, "parity", never)
+    (tmp_path / "a-file").write_text("")
+    argv = [a.format(missing=tmp_path / "missing", file=tmp_path / "a-file") for a in argv]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and ": cannot " in lines[0] and argv[-2] in lines[0], captured.err
+    assert captured.out == ""

@@ -88,3 +88,28 @@ def test_discover_from_a_fake_sysfs(tmp_path):
     assert [n.type for n in nics(topo, "box.example")] == ["rdma", "tcp"]
     assert gpus(topo, "box.example") == []
     assert "_comments" not in to_yaml(doc)
+
+
+@pytest.mark.parametrize("argv", [
+    ["calibrate", "--quick", "-o", "{missing}/cal.json"],
+    ["discover", "-o", "{missing}/topo.yaml"],
+    ["run", "real-cpu-bootstrap-2", "--trace", "{missing}/t.jsonl"],
+])
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys, monkeypatch):
+    """calibrate measures for tens of seconds and run starts processes: a typo in the output path is a one-line
+    error, exit 2, before that (it used to be a traceback after the work)."""
+    import mooncake_real.calibrate
+    import mooncake_real.discover
+    import mooncake_real.runner
+
+    def never(*_a, **_k):
+        raise AssertionError("did the work although its output could not be written")
+
+    monkeypatch.setattr(mooncake_real.calibrate, "calibrate", never)
+    monkeypatch.setattr(mooncake_real.discover, "discover", never)
+    monkeypatch.setattr(mooncake_real.runner, "run_outcome", never)
+    argv = [a.format(missing=tmp_path / "missing") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mooncake-real: --") and "does not exist; create it or pick another path" in err, err
+    assert "\n" not in err

@@ -261,7 +261,10 @@ def format_summary(o: Outcome, *, max_blocked: int = 12) -> str:
     if o.results:
         for key, per_rank in o.results.items():
             outs = {json.dumps(v.get("output")) for v in per_rank.values() if v.get("output") is not None}
-            shown = _short(json.loads(next(iter(outs)))) if len(outs) == 1 else f"{len(outs)} distinct outputs"
+            if not outs:  # only ``data: sizes`` runs end a collective without any rank holding values
+                shown = "no values (data: sizes moves lengths only)"
+            else:
+                shown = _short(json.loads(next(iter(outs)))) if len(outs) == 1 else f"{len(outs)} distinct outputs"
             lines.append(f"  result    {key}: {shown} on {len(per_rank)} ranks")
     for p in o.result_problems[:5]:
         lines.append(f"  WRONG     {p}")

@@ -51,3 +51,11 @@ def test_a_scenario_without_expect_is_expected_to_complete(tmp_path, capsys) -> 
     outcome = run_one(load_scenario(str(ok)))
     assert outcome.expect["given"] is False and outcome.to_json()["matches_expect"] is True
     assert run_one(load_scenario("real-cpu-allreduce")).expect["given"] is True
+
+
+def test_the_summary_of_a_sizes_run_says_why_it_shows_no_values(tmp_path) -> None:
+    sc = tmp_path / "sizes.yaml"
+    sc.write_text("name: s\ntopology: hgx-h100\nranks: 4\ndata: sizes\n"
+                  "workload:\n  - {op: allreduce, dtype: int32, count: 1024}\n")
+    text = format_summary(run_one(load_scenario(str(sc))))
+    assert "result    0:allreduce: no values (data: sizes moves lengths only) on 4 ranks" in text, text

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import check_output
 
 from .launcher import Faults, JobResult, check_realisable, launch
@@ -209,6 +210,8 @@ def cmd_run(args: Any) -> int:
     scenario = load_scenario(args.scenario or DEFAULT_SCENARIO)
     if args.trace:
         check_output(args.trace, "--trace")
+        if args.trace == "-" and args.json:
+            raise InputError("--trace -", "", "--json also prints to stdout; write the trace to a file")
     outcome, result = run_outcome(scenario, trace=args.trace, deadline_s=args.deadline, keep_job_dir=args.keep)
     if args.json:
         print(json.dumps(outcome.to_json()))

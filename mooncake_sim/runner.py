@@ -138,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario)
     if args.trace:
         check_output(args.trace, "--trace")
+        if args.trace == "-" and args.json:
+            raise InputError("--trace -", "", "--json also prints to stdout; write the trace to a file")
     if args.seed is not None:
         scenario = dataclasses.replace(scenario, seed=args.seed)
     if args.policy:

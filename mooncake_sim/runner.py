@@ -130,6 +130,8 @@ def _flagship(args: argparse.Namespace, calibration: Calibration | None) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.seed is not None and args.seed < 0:
+        raise InputError("--seed", "", f"must be an integer >= 0 (as the scenario's seed), got {args.seed}")
     calibration = load_calibration(args.calibration) if getattr(args, "calibration", None) else None
     if not args.scenario:
         if args.policy or args.trace:

@@ -154,3 +154,10 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(
     assert len(lines) == 1 and (": cannot " in lines[0] or "also prints to stdout" in lines[0]), captured.err
     assert argv[-2] in lines[0], captured.err
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("argv", [["run", "--seed", "-1"], ["run", "real-cpu-bootstrap-2", "--seed", "-3"]])
+def test_a_negative_seed_is_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("--seed: must be an integer >= 0") and "\n" not in err, err

@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         plain, odd = in_range(rows, "ratio"), in_range(rows, "ratio_at_real_odds")
         print(f"\nphases in {LOW}-{HIGH}: {plain[0]} of {plain[1]} (medians)"
               + (f", {odd[0]} of {odd[1]} with the simulated runs weighed to the real race odds" if many else ""))
+        if not args.calibration:
+            print("uncalibrated: the simulator charged no CPU time for this host's work, so its times are not this "
+                  "machine's; run `mooncake-real calibrate -o cal.json`, then pass --calibration cal.json")
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")

@@ -261,6 +261,25 @@ def test_report_runs_in_rounds_and_measures_the_host_by_the_calibrations_own_job
     assert now is not None and 0 < now < 5
 
 
+def test_report_without_a_calibration_says_its_times_are_not_this_hosts(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    from mooncake_sim.parity import ParityResult
+
+    def fake_parity(name: str, *, calibration: object, spread_seed: int, trace_dir: str | None) -> ParityResult:
+        return ParityResult(name, "equal", sim={"phase_times_s": {"bootstrap": 1e-4}},
+                            real={"phase_times_s": {"bootstrap": 0.01}})
+
+    monkeypatch.setattr(parity_report, "parity", fake_parity)
+    assert parity_report.main(["--only", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "phases in 0.8-1.25: 0 of 1" in out and "\nuncalibrated: the simulator charged no CPU time" in out, out
+
+
 def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:
     """benchmarks/probe_mmap.py: one map of a fresh segment is timed and leaves nothing in /dev/shm; without
     CuPy and a GPU the script exits 2 with one line after its plain series."""

@@ -41,6 +41,8 @@ def resolve(ref: str, package: str, relative_to: Path | None = None, *, file: st
         candidate = relative_to / path
         if candidate.exists() or not path.exists():
             path = candidate
+    if path.is_dir():
+        raise InputError(file or ref, key, f"{ref!r} is a directory; name a .yaml file in it")
     if not path.is_file():
         raise InputError(file or ref, key, f"file {ref!r} not found; check the path (relative paths are taken from the file that names them)")
     return path

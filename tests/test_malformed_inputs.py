@@ -161,3 +161,9 @@ def test_a_negative_seed_is_refused(argv: list[str], capsys: pytest.CaptureFixtu
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("--seed: must be an integer >= 0") and "\n" not in err, err
+
+
+def test_a_directory_named_as_a_scenario_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"{tmp_path}: {str(tmp_path)!r} is a directory; name a .yaml file in it", err

@@ -59,3 +59,19 @@ def test_the_summary_of_a_sizes_run_says_why_it_shows_no_values(tmp_path) -> Non
                   "workload:\n  - {op: allreduce, dtype: int32, count: 1024}\n")
     text = format_summary(run_one(load_scenario(str(sc))))
     assert "result    0:allreduce: no values (data: sizes moves lengths only) on 4 ranks" in text, text
+
+
+def test_the_flagship_finds_the_four_1755_causes_one_fix_at_a_time(capsys) -> None:
+    """README's first command: each step of the ladder hangs with the next #1755 cause and fixed completes;
+    every step is held to that (the exit status), not only the last one."""
+    import json
+
+    from mooncake_sim.cli import main
+
+    assert main(["run", "--json"]) == 0
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert [(r["verdict"], r["cause"]) for r in runs] == [
+        ("hang", "rpc-port-conflict"), ("hang", "host-region-gpu-label"), ("hang", "lazy-kernel-load"),
+        ("hang", "stale-task-id"), ("completed", None)]
+    assert all(r["matches_expect"] for r in runs)
+    assert runs[-1]["phase"] == "done" and not runs[-1]["result_problems"]

@@ -256,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error at exit's flush
+        return 141
     except Exception as exc:  # noqa: BLE001 - one line for users; the traceback on request
         if os.environ.get("MOONCAKE_DEBUG"):
             traceback.print_exc()

@@ -167,3 +167,18 @@ def test_a_directory_named_as_a_scenario_says_so(tmp_path: Path, capsys: pytest.
     assert main(["run", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"{tmp_path}: {str(tmp_path)!r} is a directory; name a .yaml file in it", err
+
+
+def test_a_reader_that_goes_away_stops_the_output_quietly() -> None:
+    """`mooncake-sim run X --trace - | head -1`: the trace's reader closes the pipe early; the command stops
+    without a traceback or an error line (exit 141, as a process killed by SIGPIPE shows in a shell)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "mooncake_sim.cli", "run", "stale-task-id", "--trace", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith("{")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == "", err

@@ -75,3 +75,11 @@ def test_the_flagship_finds_the_four_1755_causes_one_fix_at_a_time(capsys) -> No
         ("hang", "stale-task-id"), ("completed", None)]
     assert all(r["matches_expect"] for r in runs)
     assert runs[-1]["phase"] == "done" and not runs[-1]["result_problems"]
+
+
+def test_every_bundled_scenario_loads_from_any_directory(tmp_path, monkeypatch) -> None:
+    """A bundled scenario names its topology so that it is found wherever the command runs (an installed
+    tool runs from the user's directory, not from this checkout's root)."""
+    monkeypatch.chdir(tmp_path)
+    for name in bundled_names("scenarios"):
+        load_scenario(name)

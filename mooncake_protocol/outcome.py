@@ -284,7 +284,7 @@ def format_summary(o: Outcome, *, max_blocked: int = 12) -> str:
     exp = o.expect
     want = exp["verdict"] + (f" ({exp['cause']})" if exp.get("cause") else "")
     if not exp.get("given", True):
-        want += " (the scenario has no expect: the default)"
+        want += " (the default expectation: no expect in force)"
     if o.matches:
         lines.append(f"  expect    {want}: matches")
     else:

@@ -44,7 +44,7 @@ def test_a_scenario_without_expect_is_expected_to_complete(tmp_path, capsys) -> 
     bad.write_text(base % "float16")
     assert main(["run", str(ok)]) == 0
     out = capsys.readouterr().out
-    assert "expect    completed (the scenario has no expect: the default): matches" in out, out
+    assert "expect    completed (the default expectation: no expect in force): matches" in out, out
     assert main(["run", str(bad)]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT MATCH: verdict error, expected completed" in out, out
@@ -83,3 +83,19 @@ def test_every_bundled_scenario_loads_from_any_directory(tmp_path, monkeypatch) 
     monkeypatch.chdir(tmp_path)
     for name in bundled_names("scenarios"):
         load_scenario(name)
+
+
+def test_another_policy_sets_the_scenarios_expect_aside(capsys) -> None:
+    """`run lazy-kernel-load --policy fixed`: the scenario expects the legacy hang; under the fixed protocol it
+    is held to completing cleanly, with a note saying why. A policy that leaves the protocol as it was (the
+    scenario's own) keeps the expect."""
+    from mooncake_sim.cli import main
+
+    assert main(["run", "lazy-kernel-load", "--policy", "fixed"]) == 0
+    captured = capsys.readouterr()
+    note = "note: --policy fixed replaces the scenario's policy legacy-1755; its expect (hang, lazy-kernel-load)"
+    assert note in captured.err, captured.err
+    assert "expect    completed (the default expectation: no expect in force): matches" in captured.out
+    assert main(["run", "lazy-kernel-load", "--policy", "legacy-1755"]) == 0
+    captured = capsys.readouterr()
+    assert "note:" not in captured.err and "expect    hang (lazy-kernel-load): matches" in captured.out

@@ -478,11 +478,11 @@ def _placement(
         cap = {h: n_gpus[h] if rph is None else rph for h in usable}
         for h in usable:
             if cap[h] > n_gpus[h]:
-                r.fail("ranks_per_host", f"is {rph} but host {h!r} has {n_gpus[h]} GPUs; the cuda backend puts one "
+                r.fail("ranks_per_host", f"is {rph} but host {h!r} has {_gpus(n_gpus[h])}; the cuda backend puts one "
                                          "rank per GPU (use an explicit placement list to share GPUs)")
         if ranks > sum(cap.values()):
             if rph is None:
-                r.fail("ranks", f"{ranks} ranks but topology {topo.name!r} has {total} GPUs; lower ranks, pick a "
+                r.fail("ranks", f"{ranks} ranks but topology {topo.name!r} has {_gpus(total)}; lower ranks, pick a "
                                 "bigger topology, or list an explicit placement to put several ranks on one GPU")
             r.fail("ranks", f"{ranks} ranks but only {sum(cap.values())} fit ({rph} per host on {len(usable)} hosts); "
                             "lower ranks or raise ranks_per_host")
@@ -736,3 +736,7 @@ def _realisable(
         kk = key_join("realisable", k)
         kw[k] = r.integer(v, kk, minimum=1 if k == "hosts" else 0) if k in ("gpus", "hosts") else r.boolean(v, kk)
     return Realisable(**{**derived.__dict__, **kw})
+
+
+def _gpus(n: int) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"

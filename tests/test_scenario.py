@@ -176,3 +176,9 @@ def test_topology_relative_to_scenario(tmp_path: Path) -> None:
     (tmp_path / "mini.yaml").write_text("hosts:\n  - name: m0\n")
     s = load_scenario(write(sub, "topology: ../mini.yaml\nranks: 2\n"))
     assert s.topology.name == "mini" and s.backend == "cpu"
+
+
+def test_too_many_ranks_for_one_gpu_counts_it_as_one_gpu(tmp_path: Path) -> None:
+    with pytest.raises(InputError) as exc:
+        load_scenario(write(tmp_path, "topology: h100-1gpu\nranks: 2\n"))
+    assert exc.value.key == "ranks" and "topology 'h100-1gpu' has 1 GPU; lower ranks" in exc.value.message

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mooncake_protocol.errors import InputError
+from mooncake_protocol.policy import PRESETS
 from mooncake_protocol.resources import bundled_names, bundled_path, resolve
 
 #: keys only a scenario has: their presence makes a file a scenario (so its errors read as a scenario's)
@@ -200,11 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--dot", metavar="OUT.dot", help="also write the graph as Graphviz DOT ('-' for stdout)")
     ts.set_defaults(func=cmd_topo_show)
 
-    r = sub.add_parser("run", help="simulate a scenario", description="Simulate a scenario and report the verdict.")
+    r = sub.add_parser("run", help="simulate a scenario",
+                       description="Simulate a scenario and report the verdict. Exit 0 when the outcome matches the "
+                                   "scenario's expect (without one: when it completes cleanly), 1 when it does not, 2 "
+                                   "for bad input. Without SCENARIO: the flagship ladder (legacy-1755, each #1755 fix "
+                                   "in turn, fixed), each step held to its own cause.")
     r.add_argument("scenario", nargs="?", metavar="SCENARIO", help="bundled name or path")
-    r.add_argument("--seed", type=int, help="override the scenario's seed")
-    r.add_argument("--policy", metavar="P", help="override the policy preset")
-    r.add_argument("--trace", metavar="FILE", help="write the trace to FILE")
+    r.add_argument("--seed", type=int, help="override the scenario's seed (RPC port draws; with a calibration, rank speeds)")
+    r.add_argument("--policy", metavar="P", help=f"run under another policy preset ({', '.join(PRESETS)}); one that "
+                                                 "changes the protocol sets the scenario's expect aside")
+    r.add_argument("--trace", metavar="FILE", help="write every effect and mark to FILE as JSON lines ('-': stdout)")
     r.add_argument("--json", action="store_true", help="print the result as JSON")
     r.add_argument("--quiet", action="store_true", help="no progress lines on stderr during a long run")
     r.add_argument("--calibration", metavar="FILE", help="timing constants measured in real mode")

@@ -59,7 +59,14 @@ from typing import Any
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import bundled_names, check_output
 from mooncake_protocol.scenario import load_scenario
-from mooncake_sim.parity import ParityResult, format_parity, missed_checks, parity, sim_outcome
+from mooncake_sim.parity import (
+    UNCALIBRATED_NOTE,
+    ParityResult,
+    format_parity,
+    missed_checks,
+    parity,
+    sim_outcome,
+)
 from mooncake_sim.runner import load_calibration
 
 PHASES = ("bootstrap", "warmup", "collective")
@@ -439,8 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nphases in {LOW}-{HIGH}: {plain[0]} of {plain[1]} (medians)"
               + (f", {odd[0]} of {odd[1]} with the simulated runs weighed to the real race odds" if many else ""))
         if not args.calibration:
-            print("uncalibrated: the simulator charged no CPU time for this host's work, so its times are not this "
-                  "machine's; run `mooncake-real calibrate -o cal.json`, then pass --calibration cal.json")
+            print(UNCALIBRATED_NOTE)
         for r in rows:
             for text in r["differences"]:
                 print(f"\n{r['scenario']} {text}")

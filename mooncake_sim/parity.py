@@ -179,6 +179,11 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
             tmp.cleanup()
 
 
+#: Why an uncalibrated comparison's time ratios are far from 1, and what to do (parity and parity_report).
+UNCALIBRATED_NOTE = ("uncalibrated: the simulator charges no CPU time for this host's work, so its times are not "
+                     "this machine's; run `mooncake-real calibrate -o cal.json`, then pass --calibration cal.json")
+
+
 def format_parity(p: ParityResult, calibrated: bool = True) -> str:
     """The readable result of ``mooncake-sim parity``; ``calibrated=False`` adds why the time ratios are far
     from 1 (an uncalibrated simulator charges no host CPU)."""
@@ -199,8 +204,7 @@ def format_parity(p: ParityResult, calibrated: bool = True) -> str:
             parts.append(f"{ph} {_ms(s_t)}/{_ms(r_t)}" + (f" = {r:.2f}" if r is not None else ""))
         lines.append("  time  simulated/measured: " + ", ".join(parts))
         if not calibrated:
-            lines.append("        (uncalibrated: the simulator charges no CPU time for this host's work; for its times "
-                         "run `mooncake-real calibrate -o cal.json`, then pass --calibration cal.json)")
+            lines.append(f"        ({UNCALIBRATED_NOTE})")
     if any(p.missed_checks.values()):
         lines.append("  key checks that missed (a warmup race lost, a 50 ms retry): "
                      + ", ".join(f"{side} {n}" for side, n in p.missed_checks.items()))

@@ -277,7 +277,7 @@ def test_report_without_a_calibration_says_its_times_are_not_this_hosts(
     monkeypatch.setattr(parity_report, "parity", fake_parity)
     assert parity_report.main(["--only", "a"]) == 0
     out = capsys.readouterr().out
-    assert "phases in 0.8-1.25: 0 of 1" in out and "\nuncalibrated: the simulator charged no CPU time" in out, out
+    assert "phases in 0.8-1.25: 0 of 1" in out and "\nuncalibrated: the simulator charges no CPU time" in out, out
 
 
 def test_probe_mmap_maps_and_cleans_up_and_says_what_it_needs() -> None:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mooncake_protocol.collectives import chunk_bytes, decode_output
 from mooncake_protocol.reduce import (
@@ -18,7 +20,7 @@ from mooncake_protocol.reduce import (
     to_numpy,
     unsupported_reason,
 )
-from mooncake_protocol.scenario import load_scenario
+from mooncake_protocol.scenario import InputRule, load_scenario
 from mooncake_protocol.worker import SLOT_TRANSITIONS, Op, SlotEvent, SlotState, Task, slot_transition
 from mooncake_sim.runner import run_one
 
@@ -126,3 +128,27 @@ def test_multi_chunk_allreduce_and_p2p_values(tmp_path: Path) -> None:
     want = np.arange(5242880, dtype=np.int32).tobytes()
     import hashlib
     assert p2p["sha256"] == hashlib.sha256(want).hexdigest()[:16]
+
+
+@settings(max_examples=200, deadline=None)
+@given(rank_coef=st.integers(-2**40, 2**40), index_coef=st.integers(-2**40, 2**40), const=st.integers(-2**40, 2**40),
+       rank=st.integers(0, 1000), n=st.integers(0, 50),
+       dtype=st.sampled_from(["int8", "uint8", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool"]))
+def test_input_values_built_by_numpy_equal_the_rules_list(rank_coef: int, index_coef: int, const: int, rank: int,
+                                                           n: int, dtype: str) -> None:
+    """encode_input builds a rule's values with numpy (a Python list of millions of ints cost a real run a third
+    of a second): the same bytes as from the rule's own list, for every dtype."""
+    from mooncake_protocol.collectives import input_array
+
+    rule = InputRule(rank_coef, index_coef, const)
+    floating = dtype in ("float16", "bfloat16", "float32", "float64")
+    old = np.asarray(rule.values(rank, n), dtype=np.float64 if floating else np.int64)
+    new = input_array(rule, rank, n, floating)
+    assert new.dtype == old.dtype and new.tobytes() == old.tobytes()
+
+
+def test_input_values_beyond_int64_take_the_rules_list() -> None:
+    from mooncake_protocol.collectives import input_array
+
+    rule = InputRule(0, 2**62, 0)
+    assert input_array(rule, 0, 2, True).tolist() == [0.0, float(2**62)]

@@ -115,7 +115,9 @@ def _alloc_tensors(b: Backend, spec: Any, op: Op, index: int) -> Activity:
     out = yield from engine.alloc(f"{tag}.out", kind, max(out_bytes, 8), env.gpu if kind == "device" else None)
     if env.data_values and op is not Op.BARRIER:
         n_in = count * (size if op in SLICED_INPUT else 1)
-        yield fx.WriteMem(inp.rid, 0, encode_input(spec, env.rank, n_in))
+        data = encode_input(spec, env.rank, n_in)
+        yield fx.HostCompute("fill", len(data))
+        yield fx.WriteMem(inp.rid, 0, data)
     return Tensors(inp, out, slice_bytes)
 
 
@@ -176,7 +178,9 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
         output = "ok"
     elif gets_output and env.data_values:
         raw = yield fx.ReadMem(t.out.rid, 0, t.out.size if op in SLICED_OUTPUT else t.slice_bytes)
-        output = decode_output(spec.dtype, raw[: t.slice_bytes * (env.size if op in SLICED_OUTPUT else 1)])
+        used = raw[: t.slice_bytes * (env.size if op in SLICED_OUTPUT else 1)]
+        output = decode_output(spec.dtype, used)
+        yield fx.HostCompute("decode", len(used))
     active = yield fx.ReadMem(b.regions["active_ranks"].rid, 0, env.size)
     yield mark("collective_done", index=index, op=spec.op, output=output, active=[int(x) for x in active])
     return output
@@ -297,7 +301,9 @@ def _chunk_cpu(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, reas
     if op in REDUCING and (op is not Op.REDUCE or env.rank == spec.root):
         raw = yield fx.ReadMem(recv.rid, 0, n * env.size)
         slices = [raw[j * n:(j + 1) * n] for j in range(env.size)]
-        yield fx.WriteMem(t.out.rid, off, combine(spec.dtype, spec.reduce_op, slices, b.active))
+        reduced = combine(spec.dtype, spec.reduce_op, slices, b.active)
+        yield fx.HostCompute("reduce", len(raw))
+        yield fx.WriteMem(t.out.rid, off, reduced)
         return
     for out_off, recv_off, length in _recv_layout(op, env.rank, spec.root, env.size, t.slice_bytes, off, n):
         data = yield fx.ReadMem(recv.rid, recv_off, length)

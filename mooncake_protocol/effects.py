@@ -379,6 +379,20 @@ class StreamSync(Effect):
 
 
 @dataclass(frozen=True)
+class HostCompute(Effect):
+    """The protocol has just done host CPU work over ``nbytes`` bytes between two effects. Returns None.
+
+    ``what``: ``reduce`` (the CPU backend's reduce of a chunk's slices), ``fill`` (building a collective's
+    input values from the scenario's rule), ``decode`` (turning its output into the values the trace reports).
+    The work itself is the protocol's own code, run by both drivers alike; this effect only says how much
+    there was. The real driver does nothing (the time has passed already); the simulator charges the host
+    CPU ``nbytes`` at the calibrated ``host_<what>_Bps`` (nothing uncalibrated)."""
+
+    what: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class SteadyState(Effect):
     """The caller of collective ``index`` is about to issue chunk ``chunk``, and the next ``chunks`` chunks
     repeat the ones before exactly (same sizes, peers, buffers, policy): a driver may fast-forward over them.
@@ -476,6 +490,6 @@ ALL_EFFECTS: tuple[type[Effect], ...] = (
     RpcBind, RpcServe, RpcCall,
     Allocate, Register, ReadMem, WriteMem,
     SubmitTransfer, PollTransfer, FreeBatch,
-    LoadKernel, Launch, Memcpy, Memset, EventRecord, EventQuery, StreamSync, SteadyState,
+    LoadKernel, Launch, Memcpy, Memset, EventRecord, EventQuery, StreamSync, SteadyState, HostCompute,
     Sleep, Now, Spawn, Join, WaitUntil, Mark,
 )

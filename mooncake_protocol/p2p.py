@@ -227,7 +227,9 @@ def run_send_recv(b: Backend, spec: Any, index: int) -> Activity:
     if me == spec.src:
         t = yield from engine.alloc(f"c{index}.send", kind, max(nbytes, 8), None)
         if env.data_values:
-            yield fx.WriteMem(t.rid, 0, encode_input(spec, me, spec.count))
+            data = encode_input(spec, me, spec.count)
+            yield fx.HostCompute("fill", len(data))
+            yield fx.WriteMem(t.rid, 0, data)
         yield mark("collective_start", index=index, op="send_recv", dtype=spec.dtype, count=spec.count)
         yield from b.p2p.send(spec.dst, t, nbytes)
     elif me == spec.dst:
@@ -237,5 +239,6 @@ def run_send_recv(b: Backend, spec: Any, index: int) -> Activity:
         if env.data_values:
             raw = yield fx.ReadMem(t.rid, 0, nbytes)
             output = decode_output(spec.dtype, raw)
+            yield fx.HostCompute("decode", len(raw))
     active = yield fx.ReadMem(b.regions["active_ranks"].rid, 0, env.size)
     yield mark("collective_done", index=index, op="send_recv", output=output, active=[int(x) for x in active])

@@ -47,7 +47,8 @@ SIM_FIELDS = ("store_service_s", "store_one_way_s", "rpc_service_s", "rpc_one_wa
               "shm_latency_s", "shm_bandwidth_Bps", "module_load_s", "kernel_launch_s", "poll_overshoot_s",
               "poll_cap_s", "transfer_threads", "rpc_connect_s", "store_connect_s", "thread_start_s",
               "dead_peer_check_s", "dead_notice_s",
-              "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s", "ipc_open_s")
+              "rank_spread", "gpu_timeslice_s", "first_kernel_s", "nvlink_same_gpu_s", "ipc_open_s",
+              "host_copy_Bps", "host_reduce_Bps", "host_fill_Bps", "host_decode_Bps")
 
 BIG = 4 << 20
 
@@ -268,10 +269,50 @@ def probe_activity(spec: Any) -> Any:
             yield fx.Now()
         for _ in range(n):
             yield fx.ReadMem(small.rid, 0, 4)
+        big = []
         for size in (16 << 20, 16 << 20, 256, 256):
             region = yield fx.Allocate(f"r{rid}", "host", size, region_addr(spec.rank, rid), None, True)
             rid += 1
             yield fx.Register(region, "*", False, False)
+            if size == 16 << 20:
+                big.append(region)
+        # a large tensor's chunks: WriteMem and ReadMem of 16 MiB, into fresh memory first (page faults), then
+        # again; and the CPU backend's reduce of two 8 MiB slices (the protocol's own combine)
+        payload, copies = bytes(16 << 20), []
+        for region in big + big:
+            t0 = time.perf_counter()
+            yield fx.WriteMem(region.rid, 0, payload)
+            t1 = time.perf_counter()
+            yield fx.ReadMem(region.rid, 0, len(payload))
+            copies += [t1 - t0, time.perf_counter() - t1]
+        yield fx.mark("copy_probe", bytes=len(payload), seconds=statistics.fmean(copies))
+        import numpy as np
+
+        from mooncake_protocol.reduce import combine
+
+        raw = np.arange(4 << 20, dtype=np.int32).tobytes()  # what the reduce step reads: two 8 MiB slices
+        half = len(raw) // 2
+        spans = []
+        for _ in range(3):  # as collectives._chunk_cpu does it: slice the bytes read, then combine
+            t0 = time.perf_counter()
+            combine("int32", "sum", [raw[:half], raw[half:]], [True, True])
+            spans.append(time.perf_counter() - t0)
+        yield fx.mark("reduce_probe", bytes=len(raw), seconds=statistics.fmean(spans))
+        from mooncake_protocol.collectives import decode_output, encode_input
+        from mooncake_protocol.scenario import InputRule
+
+        class _Spec:  # the two fields encode_input reads of a workload entry
+            input = InputRule(1, 0, 1)
+            dtype = "int32"
+
+        for name, work in (("fill_probe", lambda: encode_input(_Spec, spec.rank, 4 << 20)),
+                           ("decode_probe", lambda: decode_output("int32", raw))):
+            spans = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                work()
+                spans.append(time.perf_counter() - t0)
+            yield fx.mark(name, bytes=len(raw), seconds=statistics.fmean(spans))
         # the driver's polling: a WaitUntil at the worker's 100 us poll and at the warmup's 50 ms poll
         for poll in (1e-4, 0.05):
             count = [0]
@@ -346,6 +387,12 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
             d = rec["data"]
             if int(d["checks"]) > 1:  # the first check is at once; each later one follows a sleep
                 out[f"poll_tick_{d['poll_s']:g}_s"] = float(d["elapsed_s"]) / (int(d["checks"]) - 1)
+    for rec in res.trace:
+        probe = str(rec.get("name", "")) if rec.get("type") == "mark" else ""
+        if probe in ("copy_probe", "reduce_probe", "fill_probe", "decode_probe"):
+            d = rec["data"]
+            if float(d["seconds"]) > 0:
+                out[f"host_{probe[:-len('_probe')]}_Bps"] = float(d["bytes"]) / float(d["seconds"])
     if "Allocate_s" in out:
         allocs = by["Allocate"]
         out["Allocate_mean_s"] = statistics.fmean(allocs)
@@ -737,6 +784,13 @@ def derive_sim(m: dict[str, float]) -> dict[str, float | None]:
         "nvlink_same_gpu_s": None,  # measured inside a CUDA job only (sim_cuda_by_ranks)
         "ipc_open_s": None,  # likewise
         "first_kernel_s": m.get("first_kernel_s"),  # a fresh process's first kernel less a later one (alone)
+        # a ReadMem or WriteMem of 16 MiB as the driver does it (fresh memory and again), per byte; the CPU
+        # backend's reduce of two 8 MiB int32 slices, per byte read (measure_driver's probe, alone)
+        "host_copy_Bps": m.get("host_copy_Bps"),
+        "host_reduce_Bps": m.get("host_reduce_Bps"),
+        # building 16 MiB of int32 input from a rule, and turning 16 MiB of output into the trace's values
+        "host_fill_Bps": m.get("host_fill_Bps"),
+        "host_decode_Bps": m.get("host_decode_Bps"),
     }
     assert set(sim) == set(SIM_FIELDS)
     return {k: sim[k] for k in SIM_FIELDS}

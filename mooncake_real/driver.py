@@ -497,6 +497,10 @@ class RankDriver:
             return self.gpu.event_query(e.event)
         return True
 
+    def _host_compute(self, e: fx.HostCompute) -> None:
+        """The protocol's own work, done before the effect: its time has passed already."""
+        return None
+
     def _steady_state(self, e: fx.SteadyState) -> int:
         """Real hardware runs every chunk: never fast-forward."""
         return 0
@@ -706,6 +710,7 @@ HANDLERS: dict[type[fx.Effect], Callable[[RankDriver, Any], Any]] = {
     fx.EventQuery: RankDriver._event_query,
     fx.StreamSync: RankDriver._stream_sync,
     fx.SteadyState: RankDriver._steady_state,
+    fx.HostCompute: RankDriver._host_compute,
     fx.Sleep: RankDriver._sleep,
     fx.Now: RankDriver._now,
     fx.Spawn: RankDriver._spawn,

@@ -93,6 +93,13 @@ class Calibration:
     #                                  and opens that rank's CUDA IPC handle: this much longer, once per peer
     #                                  (measured inside a CUDA job, the RPC connection's opening included
     #                                  where that WRITE opened it); None: no such cost
+    host_copy_Bps: float | None = None  # a ReadMem or WriteMem also costs host CPU per byte at this rate (real
+    #                                     mode copies to and from shared memory; a large tensor's chunks make
+    #                                     that most of a CPU collective); None: copies are free
+    host_reduce_Bps: float | None = None  # the CPU backend's reduce (HostCompute "reduce") costs host CPU per
+    #                                       byte of the slices it reads at this rate; None: free
+    host_fill_Bps: float | None = None  # building a collective's input values (HostCompute "fill"), per byte
+    host_decode_Bps: float | None = None  # turning its output into the trace's values (HostCompute "decode")
     #: constants measured inside real jobs of N ranks on one host (``sim_by_ranks`` of the file): a run
     #: uses them, interpolated at its own ranks per host (:meth:`for_ranks`), instead of the fields above
     by_ranks: dict[int, dict[str, float | None]] = field(default_factory=dict)
@@ -463,7 +470,7 @@ class Simulation:
         # that complete without simulated time passing: nobody else runs in between, so re-checking before
         # the activity suspends (or ends) sees the same state as re-checking after every effect.
         pending_dirty = False
-        coalesce = not (self.cal.effect_cpu_s or any(self.cpu_cost.values()))
+        coalesce = not (self.cal.effect_cpu_s or any(self.cpu_cost.values()) or self.cal.host_copy_Bps)
         env, instants, timed, rank = self.env, self._instant, self._timed, r.env.rank  # the hot loop: locals
         progress, record = self.progress is not None, self.record_effects  # both fixed for the run
         while True:
@@ -505,7 +512,14 @@ class Simulation:
             if not coalesce and type(eff) is not fx.Mark:
                 # a mark costs nothing of its own: calibrate measures each effect's step up to the activity's
                 # next effect, so what the real driver spends on a mark is in the effect before it already
-                yield from self._cpu(r, self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0))
+                cost = self.cal.effect_cpu_s + self.cpu_cost.get(type(eff), 0.0)
+                copy_Bps = self.cal.host_copy_Bps
+                if copy_Bps:  # real mode copies a ReadMem's or WriteMem's bytes to or from shared memory
+                    if type(eff) is fx.ReadMem:
+                        cost += eff.length / copy_Bps
+                    elif type(eff) is fx.WriteMem:
+                        cost += len(eff.data) / copy_Bps
+                yield from self._cpu(r, cost)
             if record and not isinstance(eff, fx.Mark):
                 self.effects.append(effect_record(r.env.rank, act.name, t0, self.env.now, eff, result))
             act.current = None
@@ -720,10 +734,19 @@ class Simulation:
         """The commonest effects that let time pass, by type: one generator each, straight from _run_activity
         (:meth:`interpret` handles the rest, and these too for a subclass)."""
         table: dict[type, Callable[[SimRank, Act, Any], SimGen]] = {
-            fx.Sleep: self._fx_sleep, fx.WaitUntil: self._fx_wait_until, fx.RpcCall: self._rpc_of_act}
+            fx.Sleep: self._fx_sleep, fx.WaitUntil: self._fx_wait_until, fx.RpcCall: self._rpc_of_act,
+            fx.HostCompute: self._fx_host_compute}
         for t in _STORE_EFFECTS:
             table[t] = self._fx_store
         return table
+
+    def _fx_host_compute(self, r: SimRank, act: Act, eff: fx.HostCompute) -> SimGen:
+        """The protocol's host work over ``eff.nbytes``: host CPU at ``host_<what>_Bps`` (reduce, fill, decode)."""
+        cal = self.cal
+        rate = {"reduce": cal.host_reduce_Bps, "fill": cal.host_fill_Bps, "decode": cal.host_decode_Bps}.get(eff.what)
+        if rate:
+            yield from self._cpu(r, eff.nbytes / rate)
+        return None
 
     def _rpc_of_act(self, r: SimRank, act: Act, eff: fx.RpcCall) -> SimGen:
         return self._rpc(r, eff, act.name)  # the generator itself: one frame less per resumption
@@ -742,6 +765,9 @@ class Simulation:
         if isinstance(eff, fx.RpcCall):
             reply = yield from self._rpc(r, eff, act.name)
             return reply
+        if isinstance(eff, fx.HostCompute):
+            yield from self._fx_host_compute(r, act, eff)
+            return None
         if isinstance(eff, fx.Join):
             target = r.acts[eff.handle]
             assert target.finished is not None

@@ -220,3 +220,23 @@ def test_a_write_sent_while_the_killed_rank_is_torn_down_fails_at_the_next_probe
     assert over == at_once  # sent after the window: refused at once, as before
     no_probe = _failures_after_the_kill(Calibration(tcp_latency_s=1e-3, transfer_threads=1.0, dead_notice_s=1.0))
     assert max(no_probe) < 0.05  # without dead_peer_check_s nothing waits for a probe
+
+
+def test_host_work_over_a_large_tensor_costs_its_bytes(tmp_path: Path) -> None:
+    """A CPU allreduce of 4 MB per rank: with per-byte rates calibrated, the collective phase grows by at least
+    its fill, reduce and decode bytes at those rates (ReadMem and WriteMem copies come on top); the protocol
+    reports that work as HostCompute effects of those sizes."""
+    path = tmp_path / "big.yaml"
+    path.write_text("name: big\ntopology: cpu-host\nranks: 2\nbackend: cpu\n"
+                    "workload:\n  - {op: allreduce, dtype: int32, count: 1000000}\n")
+    sc = load_scenario(str(path))
+    base = {"effect_cpu_s": 1e-6, "host_cpus": 2.0}
+    rates = {"host_copy_Bps": 1e9, "host_reduce_Bps": 1e9, "host_fill_Bps": 1e9, "host_decode_Bps": 1e9}
+    plain = simulate(sc, calibration=Calibration.from_dict(base), record_effects=True)
+    priced = simulate(sc, calibration=Calibration.from_dict({**base, **rates}), record_effects=True)
+    work = [(e["args"]["what"], e["args"]["nbytes"]) for e in priced.effects
+            if e["effect"] == "HostCompute" and e["rank"] == 0]
+    assert work == [("fill", 4_000_000), ("reduce", 8_000_000), ("decode", 4_000_000)]
+    extra = priced.phase_times[0]["done"] - priced.phase_times[0]["collective"] \
+        - (plain.phase_times[0]["done"] - plain.phase_times[0]["collective"])
+    assert extra >= 16_000_000 / 1e9

@@ -143,6 +143,7 @@ def all_effects(spec: Any) -> fx.Activity:
     evdone = yield fx.EventQuery(ev)
     synced = yield fx.StreamSync("enqueue", 1.0)
     skipped = yield fx.SteadyState(0, 4, 10, "enqueue")  # real hardware runs every chunk
+    yield fx.HostCompute("reduce", 8)  # the protocol's own work: the real driver only records it
     assert skipped == 0
     yield fx.Memcpy(src.rid, 32, dst.rid, 0, 8, "legacy", True)
     reduced = struct.unpack("<2i", (yield fx.ReadMem(src.rid, 32, 8)))

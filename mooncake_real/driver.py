@@ -358,6 +358,7 @@ class RankDriver:
     def kill_self(self) -> None:
         """Fault kill_rank: record the ``killed`` mark the simulator records, then SIGKILL this process."""
         self.trace.write(tr.mark_record(self.rank, "driver", self.now(), fx.mark("killed")))
+        self.rpc_server.quiesce()  # replies to requests already handled reach their callers
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _activity_thread(self, h: _Handle, gen: fx.Activity) -> None:

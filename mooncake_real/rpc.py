@@ -87,6 +87,8 @@ class RpcServer:
         self._stop = threading.Event()
         self.stats: Counter[str] = Counter()
         self._ctx: Any = None
+        #: held while a request is handled and its reply sent: :meth:`quiesce` takes it for good
+        self._answering = threading.Lock()
 
     def _context(self) -> Any:
         import zmq
@@ -148,14 +150,25 @@ class RpcServer:
                 payload: bytes) -> None:
         import zmq
 
-        try:
-            out, status = self._dispatch(handler, method, payload), b"ok"
-        except Exception as exc:  # a handler error is the caller's bad reply, not our crash
-            out, status = f"{type(exc).__name__}: {exc}".encode(), b"err"
-        try:
-            sock.send_multipart([ident, req_id, status, out], zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+        with self._answering:
+            try:
+                out, status = self._dispatch(handler, method, payload), b"ok"
+            except Exception as exc:  # a handler error is the caller's bad reply, not our crash
+                out, status = f"{type(exc).__name__}: {exc}".encode(), b"err"
+            try:
+                sock.send_multipart([ident, req_id, status, out], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+
+    def quiesce(self, flush_s: float = 0.01) -> None:
+        """Before the process kills itself (fault ``kill_rank``): let a request being handled finish and send
+        its reply, answer no other, and give pyzmq's I/O thread ``flush_s`` to put the replies on the wire.
+        A WRITE whose data already landed here then gets its acknowledgement, as from a C++ server that
+        replies as it writes; without this a rank killed right after a barrier could leave a peer's flag
+        WRITE unacknowledged (the Python server thread preempted between the two), and that peer would mark
+        it broken inside the barrier, which the simulator (acknowledging at landing) never does."""
+        self._answering.acquire()
+        time.sleep(flush_s)
 
     def _loop(self, sock: Any, handler: Handler | None) -> None:
         import zmq

@@ -179,3 +179,41 @@ def test_the_driver_loads_the_host_name_codec_at_import_not_at_a_ranks_first_cal
             "print('encodings.idna' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_a_quiesced_server_finishes_the_reply_in_hand_and_answers_no_other():
+    """RpcServer.quiesce (before a rank kills itself): a request already being handled gets its reply; a later
+    one gets none (the caller times out, as with a dead process whose port is still open)."""
+    import threading
+
+    port = free_port()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(method: str, payload: bytes) -> bytes:
+        entered.set()
+        release.wait(5)
+        return b"done:" + payload
+
+    s = RpcServer()
+    assert s.bind(port).ok
+    s.serve(port, slow)
+    c1, c2 = RpcClient(), RpcClient()
+    got: list[object] = []
+    try:
+        t = threading.Thread(target=lambda: got.append(c1.call(f"127.0.0.1:{port}", "w", b"a", 5.0)))
+        t.start()
+        assert entered.wait(5)
+        q = threading.Thread(target=s.quiesce, args=(0.05,))
+        q.start()  # waits for the reply in hand
+        release.set()
+        q.join(5)
+        t.join(5)
+        assert got and got[0].ok and got[0].payload == b"done:a"
+        late = c2.call(f"127.0.0.1:{port}", "w", b"b", 0.5)
+        assert not late.ok and late.error == "timeout"
+    finally:
+        c1.close()
+        c2.close()
+        if s._answering.locked():  # a test's server lives on: let it answer and stop
+            s._answering.release()
+        s.close()

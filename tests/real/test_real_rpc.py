@@ -117,7 +117,8 @@ def test_peer_killed_after_taking_the_request_is_refused():
     port = free_port()
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=repo))
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                                p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)))
     c = RpcClient()
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -254,7 +254,9 @@ def measure_writes(n: int = 200) -> dict[str, float]:
 
 
 def probe_activity(spec: Any) -> Any:
-    """A tiny protocol-shaped activity: N x Now, N x ReadMem, the bootstrap's Allocate/Register pairs."""
+    """A tiny protocol-shaped activity: N x Now, N x ReadMem, the bootstrap's Allocate/Register pairs, the
+    copies and host work of a large tensor (marks ``copy_probe``, ``reduce_probe``, ``fill_probe`` and
+    ``decode_probe``: bytes and mean seconds), and polling waits."""
     from mooncake_protocol import effects as fx
     from mooncake_protocol.memory import region_addr
 

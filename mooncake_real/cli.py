@@ -52,8 +52,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from .driver import RankSpec, run_rank
+    from .heap import keep_freed_memory
     from .launch_env import launch_env
     from .store import StoreServer
+
+    keep_freed_memory()  # as the launcher's ranks (mooncake_real/heap.py)
 
     le = launch_env(os.environ)
     if not args.token:

@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     from .fdtable import grow_fd_table
 
     grow_fd_table()  # before any thread: a descriptor opened later never waits for the table to grow
+    from .heap import keep_freed_memory
+
+    keep_freed_memory()  # a large tensor's chunks reuse warm heap instead of faulting in fresh pages
     from .driver import RankSpec, run_rank
 
     spec = RankSpec.from_json(Path(args[0]).read_text())

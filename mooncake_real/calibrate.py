@@ -290,24 +290,20 @@ def probe_activity(spec: Any) -> Any:
         yield fx.mark("copy_probe", bytes=len(payload), seconds=statistics.fmean(copies))
         import numpy as np
 
-        from mooncake_protocol.reduce import combine
-
-        raw = np.arange(4 << 20, dtype=np.int32).tobytes()  # what the reduce step reads: two 8 MiB slices
-        half = len(raw) // 2
-        spans = []
-        for _ in range(3):  # as collectives._chunk_cpu does it: slice the bytes read, then combine
-            t0 = time.perf_counter()
-            combine("int32", "sum", [raw[:half], raw[half:]], [True, True])
-            spans.append(time.perf_counter() - t0)
-        yield fx.mark("reduce_probe", bytes=len(raw), seconds=statistics.fmean(spans))
         from mooncake_protocol.collectives import decode_output, encode_input
+        from mooncake_protocol.reduce import combine
         from mooncake_protocol.scenario import InputRule
 
         class _Spec:  # the two fields encode_input reads of a workload entry
             input = InputRule(1, 0, 1)
             dtype = "int32"
 
-        for name, work in (("fill_probe", lambda: encode_input(_Spec, spec.rank, 4 << 20)),
+        raw = np.arange(4 << 20, dtype=np.int32).tobytes()  # 16 MiB: what a reduce step reads, two 8 MiB slices
+        half = len(raw) // 2
+        # the protocol's own host work, mean of 3 each: the reduce as collectives._chunk_cpu does it (slice the
+        # bytes read, then combine), building 16 MiB of input from a rule, decoding 16 MiB of output
+        for name, work in (("reduce_probe", lambda: combine("int32", "sum", [raw[:half], raw[half:]], [True, True])),
+                           ("fill_probe", lambda: encode_input(_Spec, spec.rank, 4 << 20)),
                            ("decode_probe", lambda: decode_output("int32", raw))):
             spans = []
             for _ in range(3):
@@ -389,12 +385,11 @@ def measure_driver(ranks: int = 1, n: int = 300) -> dict[str, float]:
             d = rec["data"]
             if int(d["checks"]) > 1:  # the first check is at once; each later one follows a sleep
                 out[f"poll_tick_{d['poll_s']:g}_s"] = float(d["elapsed_s"]) / (int(d["checks"]) - 1)
-    for rec in res.trace:
-        probe = str(rec.get("name", "")) if rec.get("type") == "mark" else ""
-        if probe in ("copy_probe", "reduce_probe", "fill_probe", "decode_probe"):
+        elif rec.get("type") == "mark" and rec.get("name") in ("copy_probe", "reduce_probe", "fill_probe",
+                                                                "decode_probe"):
             d = rec["data"]
             if float(d["seconds"]) > 0:
-                out[f"host_{probe[:-len('_probe')]}_Bps"] = float(d["bytes"]) / float(d["seconds"])
+                out[f"host_{rec['name'][:-len('_probe')]}_Bps"] = float(d["bytes"]) / float(d["seconds"])
     if "Allocate_s" in out:
         allocs = by["Allocate"]
         out["Allocate_mean_s"] = statistics.fmean(allocs)

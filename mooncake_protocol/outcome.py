@@ -246,7 +246,11 @@ def format_summary(o: Outcome, *, max_blocked: int = 12) -> str:
     verdict = o.verdict.upper() + (f" ({o.cause})" if o.cause else "")
     lines.append(f"  verdict   {verdict}   phase reached: {o.phase}")
     clock = "simulated" if o.mode == "sim" else "measured"
-    lines.append(f"  time      {_fmt_t(o.sim_time_s)} {clock}, {o.wall_s:.2f} s wall")
+    since = ""
+    started = o.stats.get("bootstrap_at_s") if o.stats else None
+    if o.mode == "real" and started:  # the simulator's clock starts at bootstrap, the real job's at the launch
+        since = f" from the launch (the first rank began its bootstrap at {_fmt_t(started)}: process start, imports)"
+    lines.append(f"  time      {_fmt_t(o.sim_time_s)} {clock}{since}, {o.wall_s:.2f} s wall")
     if o.phase_times_s:
         parts = ", ".join(f"{k} {_fmt_t(v)}" for k, v in o.phase_times_s.items())
         lines.append(f"  phases    {parts}")

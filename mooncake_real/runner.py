@@ -166,6 +166,8 @@ def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) ->
         "job_id": result.job_id,
         "launcher_wall_s": result.wall_s,
         "end_time_s": sim_time,
+        # the job clock starts at the launch: process start, interpreter and imports come before bootstrap
+        "bootstrap_at_s": min((t["bootstrap"] for t in phase_times.values() if "bootstrap" in t), default=None),
         "exit_codes": {str(r): c for r, c in sorted(result.exit_codes.items())},
         "launcher_events": [e["event"] for e in result.events],
     }

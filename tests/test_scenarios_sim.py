@@ -59,6 +59,7 @@ def test_the_summary_of_a_sizes_run_says_why_it_shows_no_values(tmp_path) -> Non
                   "workload:\n  - {op: allreduce, dtype: int32, count: 1024}\n")
     text = format_summary(run_one(load_scenario(str(sc))))
     assert "result    0:allreduce: no values (data: sizes moves lengths only) on 4 ranks" in text, text
+    assert "simulated, " in text and "from the launch" not in text  # the simulator's clock starts at bootstrap
 
 
 def test_the_flagship_finds_the_four_1755_causes_one_fix_at_a_time(capsys) -> None:

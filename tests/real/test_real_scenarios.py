@@ -117,6 +117,9 @@ def test_default_run_prints_the_simulators_summary(tmp_path):
     assert "  result    0:allreduce: [10] on 4 ranks" in lines
     assert "  result    1:allgather: [0, 1, 2, 3] on 4 ranks" in lines
     assert lines[-1] == "  expect    completed: matches"
+    # the real job's clock starts at the launch, not at bootstrap as the simulator's: the line says when it began
+    time_line = next(x for x in lines if x.startswith("  time      "))
+    assert " measured from the launch (the first rank began its bootstrap at " in time_line
     recs = [json.loads(x) for x in trace.read_text().splitlines()]
     assert {r["type"] for r in recs} >= {"effect", "mark"}
     assert any(r["type"] == "mark" and r["name"] == "collective_done" for r in recs)

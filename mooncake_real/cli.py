@@ -8,9 +8,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import check_output
+
+DEFAULT_ENTRY = "mooncake_real.entry:protocol_activity"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,9 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--deadline", type=float, default=None, help="seconds before a hang is declared")
     run.add_argument("--keep", action="store_true", help="keep the job directory (specs, traces, dumps, logs)")
 
-    rank = sub.add_parser("rank", help="run one rank started by torchrun or srun (reads RANK/WORLD_SIZE/... )")
+    rank = sub.add_parser(
+        "rank", help="run one rank started by torchrun or srun (reads RANK/WORLD_SIZE/... )",
+        description="One rank of a job that torchrun or SLURM starts, one process per rank, on one or more hosts. "
+                    "Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (or SLURM_PROCID, SLURM_NTASKS, "
+                    "SLURM_LOCALID and MASTER_ADDR/PORT or SLURM_JOB_NODELIST); rank 0 runs the store on "
+                    "MASTER_ADDR:MASTER_PORT; each rank uses LOCAL_RANK as its GPU where CuPy sees one. Every rank "
+                    "needs the same MOONCAKE_REAL_TOKEN (or --token).",
+        epilog="example: MOONCAKE_REAL_TOKEN=t1 torchrun --nnodes 1 --nproc-per-node 4 "
+               "-m mooncake_real.cli rank --scenario real-cpu-allreduce   (docs/real-mode.md, torchrun / SLURM)")
     rank.add_argument("--scenario", help="scenario the protocol entry runs")
-    rank.add_argument("--entry", default="mooncake_real.entry:protocol_activity", help="module:callable entry")
+    rank.add_argument("--entry", default=DEFAULT_ENTRY, help="module:callable entry")
     rank.add_argument("--token", default=os.environ.get("MOONCAKE_REAL_TOKEN"),
                       help="the job's store token (default: $MOONCAKE_REAL_TOKEN); the same for every rank")
     rank.add_argument("--job-dir", help="directory for this rank's files (default: /tmp/mooncake-real-<job>)")
@@ -61,6 +72,17 @@ def cmd_rank(args: argparse.Namespace) -> int:
     le = launch_env(os.environ)
     if not args.token:
         raise InputError("MOONCAKE_REAL_TOKEN", "", "no store token; set MOONCAKE_REAL_TOKEN (the same random string for every rank)")
+    if args.entry == DEFAULT_ENTRY:  # what every rank will run: refused here, not after the peers' 5 s wait
+        from mooncake_protocol.scenario import load_scenario
+
+        if not args.scenario:
+            raise InputError("--scenario", "", "name the scenario every rank runs (a bundled name or a .yaml path), "
+                                               "e.g. --scenario real-cpu-allreduce")
+        sc = load_scenario(args.scenario)
+        if sc.ranks != le.world_size:
+            raise InputError(sc.source, "ranks", f"the scenario has {sc.ranks} ranks but the launcher started "
+                                                 f"{le.world_size} processes (WORLD_SIZE / SLURM_NTASKS); start one "
+                                                 "process per rank")
     job = hashlib.sha256(f"{args.token}:{le.master_addr}:{le.master_port}".encode()).hexdigest()[:8]
     job_dir = Path(args.job_dir or f"/tmp/mooncake-real-{job}")
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -74,10 +96,28 @@ def cmd_rank(args: argparse.Namespace) -> int:
                     deadline_s=args.deadline, entry=args.entry, scenario=args.scenario, host=host,
                     gpu=le.local_rank if _has_gpu() else None, release="count")
     try:
-        return run_rank(spec)
+        code = run_rank(spec)
     finally:
         if server is not None:
             server.stop()
+    print(_rank_report(spec, le.world_size), file=sys.stderr, flush=True)
+    return code
+
+
+def _rank_report(spec: Any, world_size: int) -> str:
+    """The rank's one line at its end: how it ended (its result file) and where its files are."""
+    import json
+
+    try:
+        res = json.loads(spec.path("result").read_text())
+    except (OSError, ValueError):
+        res = {}
+    status = str(res.get("status", "no result"))
+    if res.get("error"):
+        status += f" ({res['error']})"
+    at = f" at {float(res['t']):.3f} s" if "t" in res else ""
+    return (f"mooncake-real rank {spec.rank} of {world_size}: {status}{at}; trace, result and dump files in "
+            f"{spec.job_dir}")
 
 
 def _has_gpu() -> bool:

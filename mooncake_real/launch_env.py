@@ -67,7 +67,9 @@ def launch_env(environ: Mapping[str, str]) -> LaunchEnv:
         world = _int(environ, "SLURM_NTASKS", 1)
         local = _int(environ, "SLURM_LOCALID") if "SLURM_LOCALID" in environ else 0
     else:
-        raise LaunchEnvError("neither RANK/WORLD_SIZE (torchrun) nor SLURM_PROCID/SLURM_NTASKS (SLURM) is set")
+        raise LaunchEnvError("neither RANK/WORLD_SIZE (torchrun) nor SLURM_PROCID/SLURM_NTASKS (SLURM) is set; start "
+                             "`mooncake-real rank` under torchrun or srun (see `mooncake-real rank --help`), or use "
+                             "`mooncake-real run` for a job on this machine")
     if rank >= world:
         raise LaunchEnvError(f"rank {rank} is not below the world size {world}; check RANK/WORLD_SIZE")
     addr = environ.get("MASTER_ADDR", "").strip()

@@ -275,3 +275,41 @@ def test_a_dead_peer_is_refused_at_once_on_a_cached_connection():
         assert r.error == "refused" and time.monotonic() - t0 < 1.0
     finally:
         c.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_job_of_mooncake_real_rank_processes_as_torchrun_starts_them(tmp_path):
+    """`mooncake-real rank` under a launcher: two processes with torchrun's variables and one token run the
+    scenario's bootstrap together; each ends with one line saying how it ended and where its files are."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+                WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOONCAKE_REAL_TOKEN=f"t{port}")
+    job = tmp_path / "job"
+    procs = [subprocess.Popen([sys.executable, "-m", "mooncake_real.cli", "rank", "--scenario", "real-cpu-bootstrap-2",
+                               "--job-dir", str(job), "--deadline", "30"],
+                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    for r, (p, (_out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err
+        assert f"mooncake-real rank {r} of 2: completed at " in err and str(job) in err, err
+        res = json.loads((job / f"rank{r}.result.json").read_text())
+        assert res["status"] == "completed"
+        marks = [json.loads(x) for x in (job / f"rank{r}.trace.jsonl").read_text().splitlines()]
+        assert any(m.get("name") == "all_connected" for m in marks)
+
+
+def test_mooncake_real_rank_refuses_a_scenario_of_another_size_before_starting(monkeypatch, capsys):
+    from mooncake_real.cli import main
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                 "MOONCAKE_REAL_TOKEN": "t"}.items():
+        monkeypatch.setenv(k, v)
+    assert main(["rank", "--scenario", "real-cpu-allreduce"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("real-cpu-allreduce.yaml: ranks: the scenario has 4 ranks but the launcher started 2 "
+                        "processes (WORLD_SIZE / SLURM_NTASKS); start one process per rank"), err
+    assert main(["rank"]) == 2
+    assert "--scenario: name the scenario every rank runs" in capsys.readouterr().err

@@ -31,9 +31,11 @@ def _parser() -> argparse.ArgumentParser:
         "rank", help="run one rank started by torchrun or srun (reads RANK/WORLD_SIZE/... )",
         description="One rank of a job that torchrun or SLURM starts, one process per rank, on one or more hosts. "
                     "Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (or SLURM_PROCID, SLURM_NTASKS, "
-                    "SLURM_LOCALID and MASTER_ADDR/PORT or SLURM_JOB_NODELIST); rank 0 runs the store on "
-                    "MASTER_ADDR:MASTER_PORT; each rank uses LOCAL_RANK as its GPU where CuPy sees one. Every rank "
-                    "needs the same MOONCAKE_REAL_TOKEN (or --token).",
+                    "SLURM_LOCALID and MASTER_ADDR/PORT or SLURM_JOB_NODELIST); rank 0 runs the job's store on "
+                    "MASTER_ADDR at MOONCAKE_REAL_STORE_PORT, else MASTER_PORT + 1 under torchrun (whose agent "
+                    "holds MASTER_PORT), else MASTER_PORT; each rank uses LOCAL_RANK as its GPU where CuPy sees "
+                    "one. Every rank needs the same MOONCAKE_REAL_TOKEN (or --token). Each rank ends with one "
+                    "line on stderr: how it ended, its collective outputs, where its files are.",
         epilog="example: MOONCAKE_REAL_TOKEN=t1 torchrun --nnodes 1 --nproc-per-node 4 "
                "-m mooncake_real.cli rank --scenario real-cpu-allreduce   (docs/real-mode.md, torchrun / SLURM)")
     rank.add_argument("--scenario", help="scenario the protocol entry runs")
@@ -65,7 +67,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .driver import RankSpec, run_rank
     from .heap import keep_freed_memory
     from .launch_env import launch_env
-    from .store import StoreServer
+    from .store import StoreError, StoreServer
 
     keep_freed_memory()  # as the launcher's ranks (mooncake_real/heap.py)
 
@@ -89,10 +91,15 @@ def cmd_rank(args: argparse.Namespace) -> int:
     server = None
     if le.rank == 0:
         bind = le.master_addr if le.master_addr in ("127.0.0.1", "localhost") else "0.0.0.0"
-        server = StoreServer(args.token, host=bind, port=le.master_port).start()
+        try:
+            server = StoreServer(args.token, host=bind, port=le.store_port).start()
+        except StoreError as exc:
+            raise InputError("MOONCAKE_REAL_STORE_PORT", "", f"the job's store cannot listen on port {le.store_port} "
+                             f"({exc}); set MOONCAKE_REAL_STORE_PORT to a free TCP port on MASTER_ADDR, the same "
+                             "for every rank") from None
     host = args.host or ("127.0.0.1" if le.master_addr in ("127.0.0.1", "localhost") else _my_address(le.master_addr))
     spec = RankSpec(job_id=job, job_dir=str(job_dir), rank=le.rank, world_size=le.world_size,
-                    store_addr=f"{le.master_addr}:{le.master_port}", token=args.token, t0=time.monotonic(),
+                    store_addr=f"{le.master_addr}:{le.store_port}", token=args.token, t0=time.monotonic(),
                     deadline_s=args.deadline, entry=args.entry, scenario=args.scenario, host=host,
                     gpu=le.local_rank if _has_gpu() else None, release="count")
     try:
@@ -100,7 +107,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-    print(_rank_report(spec, le.world_size), file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    os.write(2, (_rank_report(spec, le.world_size) + "\n").encode())  # one write: ranks share the terminal
     return code
 
 
@@ -116,7 +124,18 @@ def _rank_report(spec: Any, world_size: int) -> str:
     if res.get("error"):
         status += f" ({res['error']})"
     at = f" at {float(res['t']):.3f} s" if "t" in res else ""
-    return (f"mooncake-real rank {spec.rank} of {world_size}: {status}{at}; trace, result and dump files in "
+    outputs = []
+    try:
+        with spec.path("trace").open() as f:
+            for line in f:
+                if '"collective_done"' in line:
+                    d = json.loads(line).get("data", {})
+                    text = json.dumps(d.get("output"))
+                    outputs.append(f"{d.get('index')}:{d.get('op')} {text if len(text) <= 60 else text[:57] + '...'}")
+    except (OSError, ValueError):
+        pass
+    got = f"; {', '.join(outputs)}" if outputs else ""
+    return (f"mooncake-real rank {spec.rank} of {world_size}: {status}{at}{got}; trace, result and dump files in "
             f"{spec.job_dir}")
 
 

@@ -4,6 +4,10 @@ torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. SLURM sets
 SLURM_NTASKS, SLURM_LOCALID; the master then comes from MASTER_ADDR/MASTER_PORT if set, else from the first
 host of SLURM_JOB_NODELIST (or SLURM_NODELIST) and the default port. torchrun's variables win when both are
 present. Every problem is one line naming the variable and what to set.
+
+Rank 0 serves the job's store on MASTER_ADDR at :attr:`LaunchEnv.store_port`: MOONCAKE_REAL_STORE_PORT if
+set, else MASTER_PORT + 1 under torchrun (its agent serves its own TCPStore on MASTER_PORT; torchrun sets
+TORCHELASTIC_RUN_ID in every worker), else MASTER_PORT.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class LaunchEnv:
     master_addr: str
     master_port: int
     source: str  # "torchrun" | "slurm"
+    store_port: int = 0  # where rank 0 serves the job's store (module docstring)
 
 
 def _int(environ: Mapping[str, str], name: str, minimum: int = 0) -> int:
@@ -87,4 +92,15 @@ def launch_env(environ: Mapping[str, str]) -> LaunchEnv:
         port = DEFAULT_MASTER_PORT
     else:
         raise LaunchEnvError("MASTER_PORT is not set; set it to a free TCP port on MASTER_ADDR")
-    return LaunchEnv(rank, world, local, addr, port, source)
+    if environ.get("MOONCAKE_REAL_STORE_PORT", "").strip():
+        store_port = _int(environ, "MOONCAKE_REAL_STORE_PORT", 1)
+        if store_port > 65535:
+            raise LaunchEnvError(f"MOONCAKE_REAL_STORE_PORT={store_port} is not a TCP port (1-65535)")
+    elif "TORCHELASTIC_RUN_ID" in environ:  # torchrun's agent holds MASTER_PORT with its own store
+        store_port = port + 1
+        if store_port > 65535:
+            raise LaunchEnvError(f"MASTER_PORT={port} leaves no port above it for the job's store; set "
+                                 "MOONCAKE_REAL_STORE_PORT to a free TCP port on MASTER_ADDR")
+    else:
+        store_port = port
+    return LaunchEnv(rank, world, local, addr, port, source, store_port)

@@ -9,7 +9,20 @@ from mooncake_real.launch_env import LaunchEnv, LaunchEnvError, first_slurm_host
 
 def test_torchrun():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
-    assert launch_env(env) == LaunchEnv(3, 8, 1, "node0", 29400, "torchrun")
+    assert launch_env(env) == LaunchEnv(3, 8, 1, "node0", 29400, "torchrun", 29400)
+
+
+def test_the_store_port_leaves_torchruns_own_store_its_port():
+    """torchrun's agent serves its TCPStore on MASTER_PORT (its workers carry TORCHELASTIC_RUN_ID): the job's store
+    goes one above; MOONCAKE_REAL_STORE_PORT names it outright; plain variables or SLURM keep MASTER_PORT."""
+    env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29400"}
+    assert launch_env(env).store_port == 29400
+    assert launch_env(dict(env, TORCHELASTIC_RUN_ID="none")).store_port == 29401
+    assert launch_env(dict(env, TORCHELASTIC_RUN_ID="none", MOONCAKE_REAL_STORE_PORT="31000")).store_port == 31000
+    with pytest.raises(LaunchEnvError, match="set MOONCAKE_REAL_STORE_PORT"):
+        launch_env(dict(env, TORCHELASTIC_RUN_ID="none", MASTER_PORT="65535"))
+    with pytest.raises(LaunchEnvError, match="MOONCAKE_REAL_STORE_PORT=70000 is not a TCP port"):
+        launch_env(dict(env, MOONCAKE_REAL_STORE_PORT="70000"))
 
 
 def test_torchrun_local_rank_defaults_to_rank():

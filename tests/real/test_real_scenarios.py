@@ -280,18 +280,21 @@ def test_a_dead_peer_is_refused_at_once_on_a_cached_connection():
 @pytest.mark.timeout(90)
 def test_a_job_of_mooncake_real_rank_processes_as_torchrun_starts_them(tmp_path):
     """`mooncake-real rank` under a launcher: two processes with torchrun's variables and one token run the
-    scenario's bootstrap together; each ends with one line saying how it ended and where its files are."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    base = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-                WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOONCAKE_REAL_TOKEN=f"t{port}")
-    job = tmp_path / "job"
-    procs = [subprocess.Popen([sys.executable, "-m", "mooncake_real.cli", "rank", "--scenario", "real-cpu-bootstrap-2",
-                               "--job-dir", str(job), "--deadline", "30"],
-                              env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
-    outs = [p.communicate(timeout=60) for p in procs]
+    scenario's bootstrap together; each ends with one line saying how it ended and where its files are.
+    torchrun's agent holds MASTER_PORT with its own store (a listening socket here): the job's goes above it."""
+    with socket.socket() as agent_store:
+        agent_store.bind(("127.0.0.1", 0))
+        agent_store.listen()
+        port = agent_store.getsockname()[1]
+        base = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+                    WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOONCAKE_REAL_TOKEN=f"t{port}",
+                    TORCHELASTIC_RUN_ID="none")
+        job = tmp_path / "job"
+        procs = [subprocess.Popen([sys.executable, "-m", "mooncake_real.cli", "rank", "--scenario", "real-cpu-bootstrap-2",
+                                   "--job-dir", str(job), "--deadline", "30"],
+                                  env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in (0, 1)]
+        outs = [p.communicate(timeout=60) for p in procs]
     for r, (p, (_out, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, err
         assert f"mooncake-real rank {r} of 2: completed at " in err and str(job) in err, err

@@ -14,6 +14,8 @@ from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import check_output
 
 DEFAULT_ENTRY = "mooncake_real.entry:protocol_activity"
+#: Faults that mooncake-real run's launcher carries out (mooncake_real.runner.faults_of): not under torchrun/SLURM.
+LAUNCHER_FAULTS = ("kill_rank", "pause_rank", "hold_port", "delay_store")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +76,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     le = launch_env(os.environ)
     if not args.token:
         raise InputError("MOONCAKE_REAL_TOKEN", "", "no store token; set MOONCAKE_REAL_TOKEN (the same random string for every rank)")
+    sc = None
     if args.entry == DEFAULT_ENTRY:  # what every rank will run: refused here, not after the peers' 5 s wait
         from mooncake_protocol.scenario import load_scenario
 
@@ -85,6 +88,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
             raise InputError(sc.source, "ranks", f"the scenario has {sc.ranks} ranks but the launcher started "
                                                  f"{le.world_size} processes (WORLD_SIZE / SLURM_NTASKS); start one "
                                                  "process per rank")
+        for i, fault in enumerate(sc.faults):
+            if fault.kind in LAUNCHER_FAULTS:
+                raise InputError(sc.source, f"faults[{i}]", f"{fault.kind} is carried out by mooncake-real run's "
+                                 "launcher, which a torchrun or SLURM job does not have; run the scenario with "
+                                 "`mooncake-real run` on one host")
     job = hashlib.sha256(f"{args.token}:{le.master_addr}:{le.master_port}".encode()).hexdigest()[:8]
     job_dir = Path(args.job_dir or f"/tmp/mooncake-real-{job}")
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +106,24 @@ def cmd_rank(args: argparse.Namespace) -> int:
                              f"({exc}); set MOONCAKE_REAL_STORE_PORT to a free TCP port on MASTER_ADDR, the same "
                              "for every rank") from None
     host = args.host or ("127.0.0.1" if le.master_addr in ("127.0.0.1", "localhost") else _my_address(le.master_addr))
+    gpu = le.local_rank if _has_gpu() else None
+    opts: dict[str, Any] = {}
+    if sc is not None:
+        from mooncake_protocol.rankenv import make_rank_envs
+
+        from .runner import rank_options
+
+        # as mooncake-real run: the GPU of the scenario's placement (ranks may share one), and this rank's own
+        # protocol faults (slow_peer, close_port, block_direction)
+        gpu = next(p.gpu for p in sc.placement if p.rank == le.rank) if sc.backend == "cuda" else None
+        if gpu is not None and not _has_gpu():
+            raise InputError(sc.source, "backend", f"rank {le.rank} runs on GPU {gpu} (backend cuda) but CuPy sees no "
+                                                   "CUDA device on this host; run it where the GPUs are")
+        opts = rank_options(make_rank_envs(sc, lambda _host: host)).get(le.rank, {})
     spec = RankSpec(job_id=job, job_dir=str(job_dir), rank=le.rank, world_size=le.world_size,
                     store_addr=f"{le.master_addr}:{le.store_port}", token=args.token, t0=time.monotonic(),
                     deadline_s=args.deadline, entry=args.entry, scenario=args.scenario, host=host,
-                    gpu=le.local_rank if _has_gpu() else None, release="count")
+                    gpu=gpu, release="count", **opts)
     try:
         code = run_rank(spec)
     finally:

@@ -316,3 +316,7 @@ def test_mooncake_real_rank_refuses_a_scenario_of_another_size_before_starting(m
                         "processes (WORLD_SIZE / SLURM_NTASKS); start one process per rank"), err
     assert main(["rank"]) == 2
     assert "--scenario: name the scenario every rank runs" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")  # a fault that mooncake-real run's launcher carries out: not here
+    assert main(["rank", "--scenario", "real-cpu-kill-rank"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "real-cpu-kill-rank.yaml: faults[0]: kill_rank is carried out by mooncake-real run's launcher" in err, err

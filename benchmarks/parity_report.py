@@ -352,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         except InputError as exc:
             ap.error(str(exc))
     sim_seeds = args.sim_seeds if args.sim_seeds is not None else (max(SIM_SEEDS, args.repeat) if args.repeat > 1 else 1)
-    cal = load_calibration(args.calibration) if args.calibration else None
+    try:  # bad input is one line before any run: a scenario name or a calibration file
+        for name in args.only or ():
+            load_scenario(name)
+        cal = load_calibration(args.calibration) if args.calibration else None
+    except InputError as exc:
+        print(f"parity_report: {exc}", file=sys.stderr)
+        return 2
     then = calibrated_ping(args.calibration) if args.calibration else None
     warnings: list[str] = []
 

@@ -275,6 +275,7 @@ def test_report_without_a_calibration_says_its_times_are_not_this_hosts(
                             real={"phase_times_s": {"bootstrap": 0.01}})
 
     monkeypatch.setattr(parity_report, "parity", fake_parity)
+    monkeypatch.setattr(parity_report, "load_scenario", lambda name: None)  # "a" is a name only the fake knows
     assert parity_report.main(["--only", "a"]) == 0
     out = capsys.readouterr().out
     assert "phases in 0.8-1.25: 0 of 1" in out and "\nuncalibrated: the simulator charges no CPU time" in out, out
@@ -423,6 +424,7 @@ def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: py
     monkeypatch.setattr(parity_report, "load_calibration", lambda p: "file")
     monkeypatch.setattr(parity_report, "self_check", lambda p, c: [])
     monkeypatch.setattr(parity_report, "host_ping", lambda: 1e-4)
+    monkeypatch.setattr(parity_report, "load_scenario", lambda name: None)
     assert parity_report.main(["--calibration", str(path), "--only", "a", "b", "--repeat", "2", "--sim-seeds", "4",
                                "--recalibrate", "--json"]) == 0
     assert rounds == [0, 1]
@@ -438,3 +440,21 @@ def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: py
     path.write_text(json.dumps({"sim": {}, "measured": {"store_ping_rtt_s": 1e-4}}))
     assert parity_report.main(["--calibration", str(path), "--only", "a", "--recalibrate"]) == 2
     assert "no in-job figures" in capsys.readouterr().err
+
+
+def test_report_refuses_an_unknown_scenario_or_a_broken_calibration_in_one_line(
+        tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before any run: a traceback was what `--only` with a typo, or a calibration file that is not JSON, gave."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    assert parity_report.main(["--only", "real-cpu-allreduce", "no-such-scenario"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("parity_report: no-such-scenario: no bundled scenario named 'no-such-scenario'") and "\n" not in err
+    bad = Path(str(tmp_path)) / "cal.json"
+    bad.write_text("{")
+    assert parity_report.main(["--calibration", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"parity_report: {bad}: line 1: not valid JSON") and "\n" not in err, err

@@ -40,3 +40,16 @@ def timed_run(sim: Any, profile: bool = False) -> tuple[Any, float, int]:
     if prof:
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(int(__import__("os").environ.get("TOPN", "25")))
     return rec, wall, count[0]
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (rank counts, element counts), else a one-line usage error."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

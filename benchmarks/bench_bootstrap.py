@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import simpy
-from _simrun import timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _simrun import positive_int, timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 
 from mooncake_protocol.scenario import load_scenario
 from mooncake_sim.cli import freeze_at_exit
@@ -104,7 +104,7 @@ def bare_simpy(procs: int = 1000, timeouts: int = 1000) -> tuple[int, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 512])
+    ap.add_argument("sizes", nargs="*", type=positive_int, default=[8, 64, 512])
     ap.add_argument("--profile", action="store_true", help="cProfile each run (top 25 by own time, to stderr)")
     ap.add_argument("--no-bare", action="store_true", help="skip the bare SimPy measurement")
     args = ap.parse_args(argv)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _simrun import timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+from _simrun import positive_int, timed_run  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
 from bench_bootstrap import bare_simpy  # noqa: E402
 
 from mooncake_protocol import topology as topo
@@ -162,8 +162,8 @@ def run_sim(n: int, count: int, tmp: Path, profile: bool = False, phases: bool =
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sizes", nargs="*", type=int, default=[8, 64, 512])
-    ap.add_argument("--count", type=int, default=COUNT, help=f"int32 elements per rank (default {COUNT} = 64 MiB)")
+    ap.add_argument("sizes", nargs="*", type=positive_int, default=[8, 64, 512])
+    ap.add_argument("--count", type=positive_int, default=COUNT, help=f"int32 elements per rank (default {COUNT} = 64 MiB)")
     ap.add_argument("--profile", action="store_true", help="cProfile each run (top 25 by own time, to stderr)")
     ap.add_argument("--phases", action="store_true",
                     help="print where each run's wall time went: seconds between rank 0's milestones (the collective's "

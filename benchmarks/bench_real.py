@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _simrun import positive_int  # noqa: E402  (benchmarks/ is on sys.path when a script runs)
+
 REPO = str(Path(__file__).resolve().parent.parent)
 
 CPU_SCENARIO = """\
@@ -256,7 +258,7 @@ def gpu_part(sizes_mib: list[int], reps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sizes", nargs="*", type=int, default=[2, 4, 8], help="rank counts of the CPU part")
+    ap.add_argument("sizes", nargs="*", type=positive_int, default=[2, 4, 8], help="rank counts of the CPU part")
     ap.add_argument("--reps", type=int, default=3, help="runs per size (CPU part)")
     ap.add_argument("--no-gloo", action="store_true", help="skip the torch gloo column")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part")

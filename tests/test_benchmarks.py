@@ -29,3 +29,15 @@ def test_bench_collective_phases_prints_every_chunk_simulated_in_detail(capsys) 
     # 64 MiB at 8 ranks is 33 chunks: 0-3 in detail, 28 skipped, the last one in detail
     assert names == ["bootstrap + warmup", "chunk 0", "chunk 1", "chunk 2", "chunk 3",
                      "fast-forward over 28 chunks", "chunk 32"]
+
+
+def test_benchmark_sizes_and_counts_below_one_are_a_usage_error(capsys) -> None:
+    """bench_collective 0, or --count 0, was a traceback from inside the scenario loader."""
+    import pytest
+
+    for argv in (["--no-bare", "0"], ["--no-bare", "--count", "0", "8"], ["--no-bare", "eight"]):
+        with pytest.raises(SystemExit) as ei:
+            bench_collective.main(argv)
+        assert ei.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert ": error: argument " in err and ("at least 1" in err or "whole number" in err), err  # (prog: the runner's)

@@ -157,7 +157,8 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
         rc, real_out, err = run_real(path, real_trace, deadline_s=deadline_s, timeout_s=timeout_s)
         if rc == UNREALISABLE:
             lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-            return ParityResult(scenario.name, "unrealisable", message=lines[-1] if lines else "mooncake-real: exit 2")
+            line = lines[-1] if lines else f"{scenario.source}: mooncake-real run exited 2"
+            return ParityResult(scenario.name, "unrealisable", message=line.removeprefix("mooncake-real: "))
         if real_out is None or not Path(real_trace).exists():
             tail = "\n".join(err.strip().splitlines()[-8:])
             return ParityResult(scenario.name, "real-failed", message=f"mooncake-real run exited {rc} without a result: {tail}")
@@ -229,7 +230,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(p.to_json()))
     elif p.status == "unrealisable":
-        print(p.message, file=sys.stderr)
+        print(f"mooncake-sim parity: {p.message}", file=sys.stderr)
     else:
         print(format_parity(p, calibrated=calibration is not None))
     return p.exit_code

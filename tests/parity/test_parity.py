@@ -69,6 +69,7 @@ def test_parity_cli_exit_2_passes_real_modes_line_through() -> None:
     assert proc.returncode == 2, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "cannot run for real" in lines[0] and "MNNVL" in lines[0], proc.stderr
+    assert lines[0].startswith("mooncake-sim parity: ") and "mooncake-real:" not in lines[0]  # the command run
 
 
 @pytest.mark.timeout(60)

@@ -295,6 +295,8 @@ class Simulation:
         self.progress = progress
         self.progress_every_s = progress_every_s
         self._wall0 = self._last_report = time.perf_counter()
+        #: (last progress, effects, simulated and wall time) at the last progress line
+        self._progress_seen: tuple[float, int, float, float] | None = None
         self.marks: list[dict[str, Any]] = []
         self.effects: list[dict[str, Any]] = []
         self.network = Network(self.topology)
@@ -365,8 +367,23 @@ class Simulation:
         self._last_report = now
         alive = [r for r in self.ranks if r.alive]
         slowest = min((r.phase for r in alive), key=PHASES.index, default="-")
-        self.progress(f"... {self.env.now:.4f} s simulated, {self.effect_count:,} effects, "
-                      f"{now - self._wall0:.0f} s wall; slowest rank in phase {slowest}")
+        line = (f"... {self.env.now:.4f} s simulated, {self.effect_count:,} effects, "
+                f"{now - self._wall0:.0f} s wall; slowest rank in phase {slowest}")
+        # No progress mark since the last line, over many effects: something spins (a WRITE that fails and is
+        # resubmitted at once, forever, as TENT did at the snapshot). Uncalibrated, a pass costs no simulated
+        # time but the transfer's failure latency, so the stall window takes millions of passes to run out.
+        seen = self._progress_seen
+        if seen is None or seen[0] != self.last_progress:
+            self._progress_seen = (self.last_progress, self.effect_count, self.env.now, now)
+        elif self.effect_count - seen[1] >= 100_000:
+            ends = self.last_progress + self.scenario.deadlines.stall_s
+            pace = (self.env.now - seen[2]) / max(now - seen[3], 1e-9)  # simulated seconds per wall second
+            left = f", about {(ends - self.env.now) / pace / 60:.0f} min at this pace" if pace > 0 else ""
+            line += (f"; no progress mark since {self.last_progress:.4f} s simulated ({self.effect_count - seen[1]:,}+ "
+                     f"effects): a busy loop? The stall window (deadlines.stall_s) ends at {ends:.4f} s{left}"
+                     + ("" if self.cal.effect_cpu_s else "; uncalibrated, a pass costs no host time: --calibration "
+                                                          "FILE, or a smaller stall_s, ends it sooner"))
+        self.progress(line)
 
     @staticmethod
     def _evaluate(r: SimRank, w: Waiter, reader: Reader) -> Any:

@@ -100,3 +100,33 @@ def test_another_policy_sets_the_scenarios_expect_aside(capsys) -> None:
     assert main(["run", "lazy-kernel-load", "--policy", "legacy-1755"]) == 0
     captured = capsys.readouterr()
     assert "note:" not in captured.err and "expect    hang (lazy-kernel-load): matches" in captured.out
+
+
+def test_a_long_run_without_progress_says_it_may_be_a_busy_loop_and_when_it_ends(tmp_path) -> None:
+    """PCIe GPUs without NVLink between them, TENT: a data WRITE fails and is resubmitted at once, forever (the
+    snapshot's resubmit-on-poll). Uncalibrated, each pass costs only the failure latency, so the stall window
+    takes millions of passes: the progress lines say so, and what ends it sooner."""
+    from mooncake_sim.driver import Simulation
+
+    sc = tmp_path / "spin.yaml"
+    sc.write_text("name: spin\ntopology: pcie-4gpu\nranks: 4\nbackend: cuda\nengine: tent\npolicy: fixed\n"
+                  "data: sizes\nworkload:\n  - {op: alltoall, dtype: float64, count: 16}\n"
+                  "deadlines: {bootstrap_s: 5, collective_s: 5, stall_s: 1}\n")
+
+    class Enough(Exception):
+        pass
+
+    lines: list[str] = []
+
+    def progress(line: str) -> None:
+        lines.append(line)
+        if len(lines) >= 12:
+            raise Enough
+
+    sim = Simulation(load_scenario(str(sc)), progress=progress, progress_every_s=0.0)
+    with pytest.raises(Enough):
+        sim.run()
+    assert "busy loop" not in lines[0]
+    hint = lines[-1]
+    assert "; no progress mark since " in hint and "a busy loop? The stall window (deadlines.stall_s) ends at " in hint, hint
+    assert "uncalibrated, a pass costs no host time: --calibration FILE, or a smaller stall_s, ends it sooner" in hint

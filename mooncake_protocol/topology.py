@@ -1165,7 +1165,8 @@ def _gpu_to_gpu(topo: Topology, transport: str, a: GpuRef, b: GpuRef) -> Path | 
 def path(topo: Topology, src: Endpoint, dst: Endpoint, transport: str) -> Path | NoPath:
     """Route ``transport`` from ``src`` to ``dst``: a :class:`Path` or a :class:`NoPath` with a reason.
 
-    Rules: ``nvlink`` GPU memory on one host within one NVLink domain; ``mnnvl`` GPU memory in one MNNVL
+    Rules: ``nvlink`` (CUDA IPC) GPU memory on one host, over NVLink within one NVLink domain, else over PCIe
+    through the GPUs' NUMA nodes; ``mnnvl`` GPU memory in one MNNVL
     domain with IMEX on and fabric support on both GPUs; ``rdma`` through each side's first NIC of the best
     non-empty TENT tier for the memory's label (GPU memory needs a GPUDirect NIC), then a shared rdma
     network (same NIC on one host: NIC loopback); ``tcp`` through tcp (then rdma) NICs sharing a network
@@ -1209,8 +1210,13 @@ def _path(topo: Topology, src: Endpoint, dst: Endpoint, transport: str) -> Path 
             if a == b:
                 return _gpu_to_gpu(topo, "nvlink", a, b)
             if da is None or db is None or da is not db:
-                return NoPath("nvlink", f"GPUs {a.index} and {b.index} of {a.host} are not in one NVLink domain "
-                                        "(PCIe only or separate NVLink islands)")
+                # The transport is CUDA IPC plus cudaMemcpyAsync, which needs no NVLink: between GPUs of one host
+                # without one (PCIe only, or separate NVLink islands) the copy crosses PCIe (peer to peer, or
+                # staged by the driver), through each GPU's NUMA node
+                legs_a, numa_a = _to_numa(topo, src)
+                legs_b, numa_b = _to_numa(topo, dst)
+                hops = legs_a + ([(numa_a, numa_b)] if numa_a != numa_b else []) + _reverse(legs_b)
+                return _make_path(topo, "nvlink", hops, cls["pcie"].latency_s)
             return _gpu_to_gpu(topo, "nvlink", a, b)
         # mnnvl
         if da is None or da.kind != "mnnvl":

@@ -378,7 +378,9 @@ class Simulation:
         elif self.effect_count - seen[1] >= 100_000:
             ends = self.last_progress + self.scenario.deadlines.stall_s
             pace = (self.env.now - seen[2]) / max(now - seen[3], 1e-9)  # simulated seconds per wall second
-            left = f", about {(ends - self.env.now) / pace / 60:.0f} min at this pace" if pace > 0 else ""
+            wall_left = (ends - self.env.now) / pace if pace > 0 else None
+            left = "" if wall_left is None else (f", about {wall_left / 60:.0f} min at this pace" if wall_left >= 120
+                                                 else f", about {wall_left:.0f} s at this pace")
             line += (f"; no progress mark since {self.last_progress:.4f} s simulated ({self.effect_count - seen[1]:,}+ "
                      f"effects): a busy loop? The stall window (deadlines.stall_s) ends at {ends:.4f} s{left}"
                      + ("" if self.cal.effect_cpu_s else "; uncalibrated, a pass costs no host time: --calibration "

@@ -256,7 +256,7 @@ class TransferModel:
             p = topo.path(self.sim.topology, self.endpoint(r, src), self.endpoint(owner, dst), transport)
             edges: Links = ()
             if isinstance(p, topo.Path):
-                if transport in ("nvlink", "mnnvl") and p.hops:
+                if transport in ("nvlink", "mnnvl") and p.hops and self._is_nvlink_edge(p.hops[0]):
                     # a GPU's NVLink ports act as one pipe per direction (18 links over the switches): the
                     # shared resources are the sender's egress and the receiver's ingress, each at the
                     # path's bandwidth
@@ -265,6 +265,12 @@ class TransferModel:
                     edges = self._links(p.hops)  # directed: links are full duplex, each direction has its own bandwidth
             hit = self._routes[key] = (p, edges)
         return hit
+
+    def _is_nvlink_edge(self, hop: tuple[str, str]) -> bool:
+        """Whether a route's first hop is an NVLink (or NVSwitch) link: a CUDA IPC copy between GPUs without one
+        crosses PCIe, whose links (and the socket link between NUMA nodes) are shared as they are."""
+        edges = self.sim.topology.graph.edges
+        return hop in edges and edges[hop]["cls"] in ("nvlink", "mnnvl")
 
     @staticmethod
     def _plan_key(r: SimRank, src: SimRegion, owner: SimRank, dst: SimRegion, transport: str) -> tuple[Any, ...]:

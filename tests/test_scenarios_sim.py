@@ -103,14 +103,15 @@ def test_another_policy_sets_the_scenarios_expect_aside(capsys) -> None:
 
 
 def test_a_long_run_without_progress_says_it_may_be_a_busy_loop_and_when_it_ends(tmp_path) -> None:
-    """PCIe GPUs without NVLink between them, TENT: a data WRITE fails and is resubmitted at once, forever (the
+    """A broken direction (rank 0 -> 1), TENT: the data WRITE fails and is resubmitted at once, forever (the
     snapshot's resubmit-on-poll). Uncalibrated, each pass costs only the failure latency, so the stall window
     takes millions of passes: the progress lines say so, and what ends it sooner."""
     from mooncake_sim.driver import Simulation
 
     sc = tmp_path / "spin.yaml"
-    sc.write_text("name: spin\ntopology: pcie-4gpu\nranks: 4\nbackend: cuda\nengine: tent\npolicy: fixed\n"
-                  "data: sizes\nworkload:\n  - {op: alltoall, dtype: float64, count: 16}\n"
+    sc.write_text("name: spin\ntopology: hgx-h100\nranks: 4\npolicy: fixed\ndata: sizes\n"
+                  "faults: [{kind: block_direction, ranks: [0, 1]}]\n"
+                  "workload:\n  - {op: allreduce, dtype: float32, count: 16}\n"
                   "deadlines: {bootstrap_s: 5, collective_s: 5, stall_s: 1}\n")
 
     class Enough(Exception):
@@ -130,3 +131,17 @@ def test_a_long_run_without_progress_says_it_may_be_a_busy_loop_and_when_it_ends
     hint = lines[-1]
     assert "; no progress mark since " in hint and "a busy loop? The stall window (deadlines.stall_s) ends at " in hint, hint
     assert "uncalibrated, a pass costs no host time: --calibration FILE, or a smaller stall_s, ends it sooner" in hint
+
+
+def test_a_tent_alltoall_on_a_pcie_box_completes_over_cuda_ipc(tmp_path) -> None:
+    """Four PCIe GPUs without NVLink: TENT's "nvlink" transport (CUDA IPC) crosses PCIe, so the collective
+    completes with the right values (it was a NoPath, and the WRITEs were resubmitted forever)."""
+    sc = tmp_path / "pcie.yaml"
+    sc.write_text("name: pcie\ntopology: pcie-4gpu\nranks: 4\nbackend: cuda\nengine: tent\npolicy: fixed\n"
+                  "workload:\n  - {op: alltoall, dtype: int32, count: 2, input: \"rank * 100 + index\"}\n"
+                  "  - {op: allreduce, dtype: float32, count: 3, reduce_op: sum, input: \"rank + 1\", expect: [10, 10, 10]}\n"
+                  "deadlines: {bootstrap_s: 5, collective_s: 5, stall_s: 0.2}\n")  # (a spin ends as a hang in seconds)
+    o = run_one(load_scenario(str(sc)))
+    assert o.verdict == "completed" and o.matches and not o.result_problems, format_summary(o)
+    assert o.transports["intra-host gpu_to_gpu"] == {"nvlink": 12}
+    assert o.results["0:alltoall"]["1"]["output"] == [2, 3, 102, 103, 202, 203, 302, 303]

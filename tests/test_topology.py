@@ -171,7 +171,6 @@ def test_mnnvl_between_trays() -> None:
         ("gb200-nvl72", gpu_ep("tray00", 0), host_ep("tray01"), "mnnvl", "host memory"),
         ("hgx-h100-x2", host_ep("node0"), host_ep("node1"), "shm", "different hosts"),
         ("hgx-h100", gpu_ep("node0", 0), host_ep("node0"), "shm", "GPU memory"),
-        ("pcie-4gpu", gpu_ep("pcie0", 0), gpu_ep("pcie0", 1), "nvlink", "not in one NVLink domain"),
         ("pcie-4gpu", host_ep("pcie0"), host_ep("pcie0"), "rdma", "no RDMA NIC"),
         ("gb200-nvl72-nohca", gpu_ep("tray00", 0), gpu_ep("tray01", 0), "rdma", "no RDMA NIC"),
         ("h100-1gpu", gpu_ep("dev0", 0), gpu_ep("dev0", 0), "mnnvl", "no MNNVL domain"),
@@ -309,7 +308,10 @@ hosts:
     p = path(t, gpu_ep("q1", 0), gpu_ep("q1", 1), "nvlink")
     assert isinstance(p, RoutePath) and p.bandwidth_Bps == pytest.approx(300e9)
     assert p.latency_s == pytest.approx(2e-6) and p.hops == (("gpu:q1:0", "gpu:q1:1"),)
-    assert isinstance(path(t, gpu_ep("q1", 0), gpu_ep("q1", 2), "nvlink"), NoPath)
+    # GPUs of separate NVLink islands: CUDA IPC copies cross PCIe, through both NUMA nodes
+    p = path(t, gpu_ep("q1", 0), gpu_ep("q1", 2), "nvlink")
+    assert isinstance(p, RoutePath) and p.hops == (("gpu:q1:0", "numa:q1:0"), ("numa:q1:0", "numa:q1:1"),
+                                                   ("numa:q1:1", "gpu:q1:2"))
     assert nvlink_domain(t, GpuRef("solo", 0)) is None
 
 
@@ -377,3 +379,18 @@ def test_input_error_fields(tmp_path: Path) -> None:
     assert e.file == str(f.resolve()) or e.file.endswith("neg.yaml")
     assert e.key == "link_classes.nvlink.bandwidth_GBps"
     assert "-5" in e.message and "GB/s" in e.message
+
+
+def test_nvlink_transport_between_gpus_without_nvlink_crosses_pcie() -> None:
+    """TENT's and TE's "nvlink" transport is CUDA IPC and cudaMemcpyAsync: it needs no NVLink. On a PCIe-only
+    host the copy goes GPU -> NUMA node (-> the other NUMA node) -> GPU at PCIe rates (it was a NoPath, and a
+    TENT collective on such a host resubmitted its failing WRITEs forever)."""
+    t = load_topology("pcie-4gpu")
+    near = path(t, gpu_ep("pcie0", 0), gpu_ep("pcie0", 1), "nvlink")
+    assert isinstance(near, RoutePath)
+    assert near.hops == (("gpu:pcie0:0", "numa:pcie0:0"), ("numa:pcie0:0", "gpu:pcie0:1"))
+    assert near.bandwidth_Bps == pytest.approx(t.link_classes["pcie"].bandwidth_Bps)
+    assert near.latency_s == pytest.approx(t.link_classes["pcie"].latency_s)
+    far = path(t, gpu_ep("pcie0", 0), gpu_ep("pcie0", 3), "nvlink")
+    assert isinstance(far, RoutePath) and ("numa:pcie0:0", "numa:pcie0:1") in far.hops
+    assert far.bandwidth_Bps <= near.bandwidth_Bps

@@ -459,3 +459,21 @@ def test_report_refuses_an_unknown_scenario_or_a_broken_calibration_in_one_line(
     assert parity_report.main(["--calibration", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"parity_report: {bad}: line 1: not valid JSON") and "\n" not in err, err
+
+
+def test_a_difference_on_a_host_timing_failure_says_it_is_a_race_of_this_host() -> None:
+    """A CPU scenario under snapshot-1755 on a loaded 2-CPU host: the real run's 100 us ping sometimes times out
+    (5 ms) on a live peer and drops it (ping-false-positive) while the simulator completes. The parity report
+    says why, and what makes it deterministic; other differences get no such note."""
+    from mooncake_sim.parity import ParityResult, format_parity
+
+    p = ParityResult("s", "differ", sim={"verdict": "completed", "cause": None},
+                     real={"verdict": "hang", "cause": "ping-false-positive"}, diff=["fact verdict differs"])
+    note = p.race_note()
+    assert note is not None and note.startswith("only the real run met ping-false-positive: ")
+    assert "pause_rank or slow_peer" in note and "note  only the real run met" in format_parity(p)
+    assert p.to_json()["race_note"] == note
+    other = ParityResult("s", "differ", sim={"cause": None}, real={"cause": "stale-task-id"}, diff=["x"])
+    assert other.race_note() is None and "note  " not in format_parity(other)
+    same = ParityResult("s", "differ", sim={"cause": "ping-false-positive"}, real={"cause": "ping-false-positive"})
+    assert same.race_note() is None  # both worlds met it: the difference is elsewhere

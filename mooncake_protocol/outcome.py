@@ -135,7 +135,33 @@ def _results(rec: RunRecord) -> tuple[dict[str, Any], list[str]]:
         want = expected_output(spec, m["rank"])
         if want is not _ANY and d.get("output") is not None and want != d.get("output"):
             problems.append(f"collective {key}: rank {m['rank']} got {_short(d.get('output'))}, expected {_short(want)}")
+    problems += _disagreements(results, problems)
     return results, problems
+
+
+#: Collectives after which every rank of one active set holds the same output.
+SAME_OUTPUT_OPS = ("allreduce", "allgather", "broadcast")
+
+
+def _disagreements(results: dict[str, Any], problems: list[str]) -> list[str]:
+    """Wrong values that need no ``expect``: ranks that ended an allreduce, allgather or broadcast with the same
+    active set but different outputs (one of them, at least, is wrong). A collective already found wrong
+    against its ``expect`` is left to that."""
+    out = []
+    for key, per_rank in results.items():
+        if key.split(":", 1)[1] not in SAME_OUTPUT_OPS or any(p.startswith(f"collective {key}:") for p in problems):
+            continue
+        held = {r: v for r, v in per_rank.items() if v.get("output") is not None}
+        if len({json.dumps(v.get("active")) for v in held.values()}) != 1:
+            continue  # a rank dropped a peer the others kept: their outputs may differ for that reason
+        groups: dict[str, list[str]] = {}
+        for r, v in sorted(held.items(), key=lambda kv: int(kv[0])):
+            groups.setdefault(json.dumps(v["output"], sort_keys=True), []).append(r)
+        if len(groups) > 1:
+            parts = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(rs)}: {_short(json.loads(o))}"
+                              for o, rs in groups.items())
+            out.append(f"collective {key}: the ranks disagree ({parts}), though every rank must hold the same output")
+    return out
 
 
 _ANY = object()

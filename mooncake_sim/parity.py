@@ -93,6 +93,10 @@ HOST_TIMING_CAUSES: dict[str, str] = {
         "takes more than 5 ms; a loaded host's RPC reply sometimes does, the simulator's RPCs take their "
         "calibrated mean. A pause_rank or slow_peer fault makes the stall happen in both worlds "
         "(scenarios/ping-false-positive.yaml); policy fixed (#1808's liveness probe) has no such race"),
+    "uninitialized-sync-flag": (
+        "sync flags that were never zeroed read as set, so a rank may read its receive buffer before a peer's "
+        "data lands; whether the data has landed by then is a race between the peer's WRITE and the reader, "
+        "which the two worlds can win differently. Policy fixed (zero_sync_flags) has no such race"),
 }
 
 

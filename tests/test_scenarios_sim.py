@@ -145,3 +145,26 @@ def test_a_tent_alltoall_on_a_pcie_box_completes_over_cuda_ipc(tmp_path) -> None
     assert o.verdict == "completed" and o.matches and not o.result_problems, format_summary(o)
     assert o.transports["intra-host gpu_to_gpu"] == {"nvlink": 12}
     assert o.results["0:alltoall"]["1"]["output"] == [2, 3, 102, 103, 202, 203, 302, 303]
+
+
+def test_ranks_that_disagree_on_an_allreduce_are_wrong_values_without_any_expect(tmp_path) -> None:
+    """A user's scenario with no expect: under legacy-1755 the sync flags are not zeroed, a stale flag lets a
+    rank read its receive buffer early, and ranks end the allreduce with different outputs. That was a clean
+    'completed'; every rank of one active set must hold the same output, so it is wrong values and the
+    diagnosis names the cause."""
+    from mooncake_protocol.outcome import _disagreements
+
+    sc = tmp_path / "stale.yaml"
+    sc.write_text("name: stale\ntopology: cpu-host\nranks: 4\nbackend: cpu\nengine: tent\npolicy: legacy-1755\n"
+                  "workload:\n  - {op: allreduce, dtype: int8, count: 5000, input: \"index\", reduce_op: max}\n")
+    o = run_one(load_scenario(str(sc)))
+    assert o.verdict == "completed" and o.cause == "uninitialized-sync-flag", format_summary(o)
+    assert any("0:allreduce: the ranks disagree" in p for p in o.result_problems) and not o.matches
+    # ranks whose active sets differ (one dropped a peer) may hold different outputs: not flagged
+    dropped = {"0:allreduce": {"0": {"output": [6], "active": [1, 1, 1, 0]}, "1": {"output": [10], "active": [1, 1, 1, 1]}}}
+    assert _disagreements(dropped, []) == []
+    same_set = {"0:allreduce": {"0": {"output": [6], "active": [1, 1]}, "1": {"output": [10], "active": [1, 1]}},
+                "1:alltoall": {"0": {"output": [1], "active": [1, 1]}, "1": {"output": [2], "active": [1, 1]}}}
+    assert _disagreements(same_set, []) == [
+        "collective 0:allreduce: the ranks disagree (rank 0: [6]; rank 1: [10]), though every rank must hold the same output"]
+    assert _disagreements(same_set, ["collective 0:allreduce: rank 1 got [10], expected [6]"]) == []  # told already

@@ -164,6 +164,11 @@ def canonical(record_marks: Sequence[Mapping[str, Any]], outcome_json: Mapping[s
             ranks[r] = {"milestones": [], "slots": defaultdict(list), "marks": Counter()}
         return ranks[r]
 
+    # whose server a name is (what each rank published), for a failed segment open that names no owner
+    publishers: dict[str, set[int]] = defaultdict(set)
+    for m in marks:
+        if m["name"] == "key_published" and (m.get("data") or {}).get("server_name"):
+            publishers[str(m["data"]["server_name"])].add(int(m.get("rank", -1)))
     published: dict[str, set[int]] = defaultdict(set)
     server_names: dict[str, set[int]] = defaultdict(set)
     transports: set[str] = set()
@@ -179,6 +184,8 @@ def canonical(record_marks: Sequence[Mapping[str, Any]], outcome_json: Mapping[s
         data: Mapping[str, Any] = m.get("data") or {}
         entry = rank_entry(r)
         peer = data.get("peer", data.get("dst_rank", data.get("owner")))
+        if peer is None and name == "segment_opened" and len(publishers.get(str(data.get("name")), ())) == 1:
+            peer = next(iter(publishers[str(data.get("name"))]))  # refused: the server's rank died
         about_dead = isinstance(peer, int) and peer in dead and peer != r
         if about_dead and name in KILLED_PEER_DETAIL:
             continue

@@ -129,3 +129,17 @@ def test_killed_peer_discovery_route_and_after_done_marks_are_dropped() -> None:
     ca, cb = canonical(sorted(a, key=lambda m: m["t"]), OUTCOME), canonical(sorted(b, key=lambda m: m["t"]), OUTCOME)
     assert diff(ca, cb) == []
     assert ca["facts"]["broken"] == [] and ca["facts"]["killed"] == [1]
+
+
+def test_a_refused_segment_open_of_a_dead_ranks_server_is_a_dead_peer_detail() -> None:
+    """A rank that tries a killed peer's server after the kill gets "refused" with no owner to name; whether it
+    tried before the run stopped is timing (generated parity scenarios: kill_rank at warmup, 2 of 4 runs
+    differed on it alone). The server name says whose it was: dropped like the other dead-peer details."""
+    base = run("h", (1, 2))
+    killed = [mark(1, "killed", 3.05, "driver")]
+    refused = [mark(0, "segment_opened", 3.2, "poller", name="h:2", ok=False, owner=None, error="refused")]
+    a, b = base + killed + refused, base + killed
+    assert diff(canonical(sorted(a, key=lambda m: m["t"]), OUTCOME), canonical(sorted(b, key=lambda m: m["t"]), OUTCOME)) == []
+    # a live rank's server refusing is kept: that is not a death's detail
+    alive = base + [mark(0, "segment_opened", 3.2, "poller", name="h:2", ok=False, owner=None, error="refused")]
+    assert diff(canonical(sorted(alive, key=lambda m: m["t"]), OUTCOME), canonical(base, OUTCOME)) != []

@@ -48,6 +48,8 @@ class ParityResult:
     #: store key checks that found a peer's keys missing, per world ("sim", "real"): a warmup race lost (the
     #: poller retries 50 ms later); abstracted from the canonical form, so it shows only in the times
     missed_checks: dict[str, int] = field(default_factory=dict)
+    #: the host-timing failures (:data:`HOST_TIMING_CAUSES`) that the scenario's policy leaves open
+    races: tuple[str, ...] = ()
 
     @property
     def equal(self) -> bool:
@@ -72,6 +74,13 @@ class ParityResult:
             if cause in causes and self.sim.get("cause") != self.real.get("cause"):
                 side = "real" if self.real.get("cause") == cause else "simulated"
                 return f"only the {side} run met {cause}: {why}"
+        # the same cause in both (or none), but the race left its trace in one world only: peers dropped, or
+        # values read before they landed
+        touched = {"ping-false-positive": "fact broken differs", "uninitialized-sync-flag": "fact results differs"}
+        for cause in self.races:
+            if any(block.startswith(touched[cause]) for block in self.diff):
+                what = "peers marked broken" if cause == "ping-false-positive" else "collective values"
+                return f"the runs differ in {what}, where this policy leaves {cause} open: {HOST_TIMING_CAUSES[cause]}"
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -98,6 +107,13 @@ HOST_TIMING_CAUSES: dict[str, str] = {
         "data lands; whether the data has landed by then is a race between the peer's WRITE and the reader, "
         "which the two worlds can win differently. Policy fixed (zero_sync_flags) has no such race"),
 }
+
+
+def open_races(policy: Any) -> tuple[str, ...]:
+    """The host-timing failures (:data:`HOST_TIMING_CAUSES`) that ``policy`` leaves open: the ping rule without
+    #1808's liveness probe, sync flags that are not zeroed."""
+    return tuple(cause for cause, is_open in (("ping-false-positive", not policy.liveness_probe),
+                                              ("uninitialized-sync-flag", not policy.zero_sync_flags)) if is_open)
 
 
 def _phase_key(ph: str) -> int:
@@ -201,7 +217,7 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
             (where / "sim.canonical.json").write_text(json.dumps(cs, indent=1))
             (where / "real.canonical.json").write_text(json.dumps(cr, indent=1))
         return ParityResult(scenario.name, "equal" if not d else "differ", sim_out, real_out, cs, cr, d,
-                            missed_checks=missed)
+                            missed_checks=missed, races=open_races(scenario.policy))
     finally:
         if tmp is not None:
             tmp.cleanup()

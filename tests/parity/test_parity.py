@@ -477,3 +477,33 @@ def test_a_difference_on_a_host_timing_failure_says_it_is_a_race_of_this_host() 
     assert other.race_note() is None and "note  " not in format_parity(other)
     same = ParityResult("s", "differ", sim={"cause": "ping-false-positive"}, real={"cause": "ping-false-positive"})
     assert same.race_note() is None  # both worlds met it: the difference is elsewhere
+
+
+def test_a_difference_in_dropped_peers_or_values_where_the_policy_leaves_a_race_open_is_noted() -> None:
+    """Legacy policies at parity (generated CPU scenarios): both worlds hang with stale-task-id, but one dropped
+    peers on a late ping reply, or read a buffer before its data landed. The note says which race the
+    scenario's policy leaves open; under a policy that closes it, no note."""
+    from mooncake_sim.parity import ParityResult
+
+    same = {"verdict": "hang", "cause": "stale-task-id"}
+    broken = ["fact broken differs:\n    only in sim: (nothing) | only in real: [\"0->1\"]"]
+    p = ParityResult("s", "differ", sim=dict(same), real=dict(same), diff=broken,
+                     races=("ping-false-positive", "uninitialized-sync-flag"))
+    assert (p.race_note() or "").startswith("the runs differ in peers marked broken, where this policy leaves "
+                                           "ping-false-positive open: ")
+    values = ParityResult("s", "differ", sim=dict(same), real=dict(same), diff=["fact results differs:\n  x"],
+                          races=("uninitialized-sync-flag",))
+    assert "collective values, where this policy leaves uninitialized-sync-flag open" in (values.race_note() or "")
+    closed = ParityResult("s", "differ", sim=dict(same), real=dict(same), diff=broken, races=())
+    assert closed.race_note() is None
+
+
+def test_the_races_each_policy_leaves_open() -> None:
+    from mooncake_protocol.policy import make_policy
+    from mooncake_sim.parity import open_races
+
+    assert open_races(make_policy("fixed", {})) == ()
+    assert open_races(make_policy("snapshot-1755", {})) == ("ping-false-positive",)
+    assert open_races(make_policy("legacy-1755", {})) == ("uninitialized-sync-flag",)
+    assert open_races(make_policy("legacy", {})) == ("ping-false-positive", "uninitialized-sync-flag")
+    assert open_races(make_policy("legacy", {"zero_sync_flags": True})) == ("ping-false-positive",)

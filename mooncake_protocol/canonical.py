@@ -50,11 +50,11 @@ MILESTONES = frozenset({"phase", "engine_ready", "all_connected", "collective_st
 FACT_MARKS = frozenset({"key_published", "transport", "error", "killed"})
 
 #: Marks about a dead peer (killed, or its protocol raised) that only say *how* and *whether, before the run
-#: stopped* a rank found out: a WRITE that raced the kill, a failed liveness probe, the poller's teardown.
-#: That is timing; what the death changed shows in the collectives' active ranks and outputs. Broken marks
-#: about live peers are kept (``facts.broken``).
+#: stopped* a rank found out: a WRITE that raced the kill, a failed liveness probe, the poller's teardown, the
+#: warmup WRITEs retried to it until the run ended. That is timing; what the death changed shows in the
+#: collectives' active ranks and outputs. Broken marks about live peers are kept (``facts.broken``).
 KILLED_PEER_DETAIL = frozenset({"peer_state", "peer_torn_down", "transfer_failed", "unwarmed_direction", "ping",
-                                "segment_opened", "peer_marked_broken"})
+                                "segment_opened", "peer_marked_broken", "warmup_submitted"})
 
 #: Data fields dropped from every mark (free text, order counters, values kept elsewhere).
 DROP_FIELDS: Mapping[str, frozenset[str]] = {

@@ -143,3 +143,13 @@ def test_a_refused_segment_open_of_a_dead_ranks_server_is_a_dead_peer_detail() -
     # a live rank's server refusing is kept: that is not a death's detail
     alive = base + [mark(0, "segment_opened", 3.2, "poller", name="h:2", ok=False, owner=None, error="refused")]
     assert diff(canonical(sorted(alive, key=lambda m: m["t"]), OUTCOME), canonical(base, OUTCOME)) != []
+
+
+def test_warmup_writes_retried_to_a_peer_killed_in_warmup_are_a_dead_peer_detail() -> None:
+    """Generated parity scenarios with kill_rank at warmup: the simulator's ranks retried the warmup WRITE to
+    the dead rank a dozen times before the run ended, the real ranks not at all; how often is timing."""
+    base = run("h", (1, 2))
+    killed = [mark(1, "killed", 0.45, "driver")]
+    retries = [mark(0, "warmup_submitted", 0.5 + 0.05 * k, "poller", peer=1) for k in range(12)]
+    a, b = base + killed + retries, base + killed
+    assert diff(canonical(sorted(a, key=lambda m: m["t"]), OUTCOME), canonical(sorted(b, key=lambda m: m["t"]), OUTCOME)) == []

@@ -277,14 +277,33 @@ def test_a_dead_peer_is_refused_at_once_on_a_cached_connection():
         c.close()
 
 
+def _held_port_with_a_free_one_above() -> socket.socket:
+    """A listening socket on a port below the ephemeral range (no client connection takes one there) whose next
+    port is free too: torchrun's agent store, with room for the job's store above it."""
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        held = socket.socket()
+        try:
+            held.bind(("127.0.0.1", port))
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + 1))
+        except OSError:
+            held.close()
+            continue
+        held.listen()
+        return held
+    raise RuntimeError("no two free consecutive ports below 32000")
+
+
 @pytest.mark.timeout(90)
 def test_a_job_of_mooncake_real_rank_processes_as_torchrun_starts_them(tmp_path):
     """`mooncake-real rank` under a launcher: two processes with torchrun's variables and one token run the
     scenario's bootstrap together; each ends with one line saying how it ended and where its files are.
     torchrun's agent holds MASTER_PORT with its own store (a listening socket here): the job's goes above it."""
-    with socket.socket() as agent_store:
-        agent_store.bind(("127.0.0.1", 0))
-        agent_store.listen()
+    with _held_port_with_a_free_one_above() as agent_store:
         port = agent_store.getsockname()[1]
         base = dict(os.environ, PYTHONPATH=REPO + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
                     WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), MOONCAKE_REAL_TOKEN=f"t{port}",

@@ -14,8 +14,6 @@ from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import check_output
 
 DEFAULT_ENTRY = "mooncake_real.entry:protocol_activity"
-#: Faults that mooncake-real run's launcher carries out (mooncake_real.runner.faults_of): not under torchrun/SLURM.
-LAUNCHER_FAULTS = ("kill_rank", "pause_rank", "hold_port", "delay_store")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
                     "Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (or SLURM_PROCID, SLURM_NTASKS, "
                     "SLURM_LOCALID and MASTER_ADDR/PORT or SLURM_JOB_NODELIST); rank 0 runs the job's store on "
                     "MASTER_ADDR at MOONCAKE_REAL_STORE_PORT, else MASTER_PORT + 1 under torchrun (whose agent "
-                    "holds MASTER_PORT), else MASTER_PORT; each rank uses LOCAL_RANK as its GPU where CuPy sees "
-                    "one. Every rank needs the same MOONCAKE_REAL_TOKEN (or --token). Each rank ends with one "
+                    "holds MASTER_PORT), else MASTER_PORT; each rank runs on the GPU the scenario's placement gives "
+                    "it, as under `run`. Every rank needs the same MOONCAKE_REAL_TOKEN (or --token). Each rank ends with one "
                     "line on stderr: how it ended, its collective outputs, where its files are.",
         epilog="example: MOONCAKE_REAL_TOKEN=t1 torchrun --nnodes 1 --nproc-per-node 4 "
                "-m mooncake_real.cli rank --scenario real-cpu-allreduce   (docs/real-mode.md, torchrun / SLURM)")
@@ -80,6 +78,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if args.entry == DEFAULT_ENTRY:  # what every rank will run: refused here, not after the peers' 5 s wait
         from mooncake_protocol.scenario import load_scenario
 
+        from .runner import LAUNCHER_FAULTS
+
         if not args.scenario:
             raise InputError("--scenario", "", "name the scenario every rank runs (a bundled name or a .yaml path), "
                                                "e.g. --scenario real-cpu-allreduce")
@@ -106,9 +106,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
                              f"({exc}); set MOONCAKE_REAL_STORE_PORT to a free TCP port on MASTER_ADDR, the same "
                              "for every rank") from None
     host = args.host or ("127.0.0.1" if le.master_addr in ("127.0.0.1", "localhost") else _my_address(le.master_addr))
-    gpu = le.local_rank if _has_gpu() else None
     opts: dict[str, Any] = {}
-    if sc is not None:
+    if sc is None:  # another entry: LOCAL_RANK's GPU, where there is one
+        gpu = le.local_rank if _has_gpu() else None
+    else:
         from mooncake_protocol.rankenv import make_rank_envs
 
         from .runner import rank_options

@@ -33,6 +33,11 @@ from .launcher import Faults, JobResult, check_realisable, launch
 DEFAULT_SCENARIO = "real-cpu-allreduce"
 
 
+#: The faults :func:`faults_of` hands to the launcher (the others are each rank's own or the protocol's): a job
+#: that torchrun or SLURM starts has no launcher to carry them out.
+LAUNCHER_FAULTS = ("kill_rank", "pause_rank", "hold_port", "delay_store")
+
+
 def faults_of(scenario: Any) -> Faults:
     """The launcher's faults from a scenario's ``faults`` (the others are the protocol's own business)."""
     f = Faults()

@@ -70,17 +70,16 @@ class ParityResult:
         if self.status != "differ":
             return None
         causes = {self.sim.get("cause"), self.real.get("cause")}
-        for cause, why in HOST_TIMING_CAUSES.items():
+        for cause, race in HOST_TIMING_CAUSES.items():
             if cause in causes and self.sim.get("cause") != self.real.get("cause"):
                 side = "real" if self.real.get("cause") == cause else "simulated"
-                return f"only the {side} run met {cause}: {why}"
+                return f"only the {side} run met {cause}: {race.why}"
         # the same cause in both (or none), but the race left its trace in one world only: peers dropped, or
         # values read before they landed
-        touched = {"ping-false-positive": "fact broken differs", "uninitialized-sync-flag": "fact results differs"}
         for cause in self.races:
-            if any(block.startswith(touched[cause]) for block in self.diff):
-                what = "peers marked broken" if cause == "ping-false-positive" else "collective values"
-                return f"the runs differ in {what}, where this policy leaves {cause} open: {HOST_TIMING_CAUSES[cause]}"
+            race = HOST_TIMING_CAUSES[cause]
+            if any(block.startswith(f"fact {race.fact} differs") for block in self.diff):
+                return f"the runs differ in {race.what}, where this policy leaves {cause} open: {race.why}"
         return None
 
     def to_json(self) -> dict[str, Any]:
@@ -94,26 +93,35 @@ class ParityResult:
                 "canonical": {"sim": self.canonical_sim, "real": self.canonical_real}}
 
 
-#: Failures that a slow moment of a loaded host brings about in a real run with no fault injected, while the
-#: simulator's costs are calibrated means: a parity difference on them is a race of this host, not a model error.
-HOST_TIMING_CAUSES: dict[str, str] = {
-    "ping-false-positive": (
+@dataclass(frozen=True)
+class HostRace:
+    """A failure that a slow moment of a loaded host brings about in a real run with no fault injected."""
+
+    switch: str  # the policy switch that closes it (the race is open while it is False)
+    fact: str  # the canonical fact it leaves behind when both worlds agree on the cause
+    what: str  # that fact, in words
+    why: str  # why the worlds may differ on it, and what to do
+
+
+#: A parity difference on one of these is a race of this host, not a model error: the simulator's costs are
+#: calibrated means and never draw the slow moment.
+HOST_TIMING_CAUSES: dict[str, HostRace] = {
+    "ping-false-positive": HostRace("liveness_probe", "broken", "peers marked broken", (
         "at the snapshot a worker pings a peer whose task is older than 100 us and marks it broken when the reply "
         "takes more than 5 ms; a loaded host's RPC reply sometimes does, the simulator's RPCs take their "
         "calibrated mean. A pause_rank or slow_peer fault makes the stall happen in both worlds "
-        "(scenarios/ping-false-positive.yaml); policy fixed (#1808's liveness probe) has no such race"),
-    "uninitialized-sync-flag": (
+        "(scenarios/ping-false-positive.yaml); policy fixed (#1808's liveness probe) has no such race")),
+    "uninitialized-sync-flag": HostRace("zero_sync_flags", "results", "collective values", (
         "sync flags that were never zeroed read as set, so a rank may read its receive buffer before a peer's "
         "data lands; whether the data has landed by then is a race between the peer's WRITE and the reader, "
-        "which the two worlds can win differently. Policy fixed (zero_sync_flags) has no such race"),
+        "which the two worlds can win differently. Policy fixed (zero_sync_flags) has no such race")),
 }
 
 
 def open_races(policy: Any) -> tuple[str, ...]:
     """The host-timing failures (:data:`HOST_TIMING_CAUSES`) that ``policy`` leaves open: the ping rule without
     #1808's liveness probe, sync flags that are not zeroed."""
-    return tuple(cause for cause, is_open in (("ping-false-positive", not policy.liveness_probe),
-                                              ("uninitialized-sync-flag", not policy.zero_sync_flags)) if is_open)
+    return tuple(cause for cause, race in HOST_TIMING_CAUSES.items() if not getattr(policy, race.switch))
 
 
 def _phase_key(ph: str) -> int:

@@ -280,23 +280,22 @@ class DeviceBuffer:
         return int(self.mem.ptr)
 
     def fill_zero(self) -> None:
-        self.gpu.enter()
-        self.gpu.cp.cuda.runtime.memset(self.ptr, 0, self.size)
+        self.gpu.host_io("memset", lambda s: self.gpu.cp.cuda.runtime.memsetAsync(self.ptr, 0, self.size, s.ptr))
 
     def read(self, offset: int, length: int) -> bytes:
         import numpy as np
 
-        self.gpu.enter()
         out = np.empty(length, dtype=np.uint8)
-        self.gpu.cp.cuda.runtime.memcpy(out.ctypes.data, self.ptr + offset, length, 4)
+        self.gpu.host_io("memcpy", lambda s: self.gpu.cp.cuda.runtime.memcpyAsync(
+            out.ctypes.data, self.ptr + offset, length, 4, s.ptr))
         return out.tobytes()
 
     def write(self, offset: int, data: bytes) -> None:
         import numpy as np
 
-        self.gpu.enter()
         buf = np.frombuffer(data, dtype=np.uint8)
-        self.gpu.cp.cuda.runtime.memcpy(self.ptr + offset, buf.ctypes.data, len(data), 4)
+        self.gpu.host_io("memcpy", lambda s: self.gpu.cp.cuda.runtime.memcpyAsync(
+            self.ptr + offset, buf.ctypes.data, len(data), 4, s.ptr))
 
     def free(self) -> None:
         self.mem = None
@@ -386,6 +385,22 @@ class GpuContext:
                                                         lambda: self.cp.cuda.runtime.ipcOpenMemHandle(handle, 1)))
             return self._ipc_open[handle]
 
+    def host_io(self, what: str, fn: Any) -> None:
+        """Run ``fn(stream)`` (a host<->device copy or a memset of a :class:`DeviceBuffer`) on the rank's own
+        non-blocking stream ``__hostio__`` and wait until the device has finished it.
+
+        Not ``cudaMemcpy`` on the legacy stream: from pageable host memory it returns once the bytes are
+        *staged*, before the DMA of the last staging block lands, and ``cudaMemset`` returns at once. A copy
+        the protocol then enqueues on a non-blocking stream (the fixed policy's ``enqueue``) does not wait
+        for the legacy stream, so it could read a tensor partly old: a 20 KB allgather input arrived with
+        its first values right and the rest stale, differently on every run. The tensor a caller hands to
+        Mooncake is complete, so this waits for the device; and like the simulator's ``ReadMem`` and
+        ``WriteMem`` it does not queue behind kernels of other streams."""
+        self.enter()
+        s = self.stream("__hostio__")
+        self._call(what, "__hostio__", lambda: fn(s))
+        self._call("sync", "__hostio__", s.synchronize)
+
     def copy_ptr(self, dst: int, src: int, length: int) -> None:
         """A synchronous copy for the NVLink transport, on its own non-blocking stream (as TENT does)."""
         self.enter()
@@ -451,9 +466,6 @@ class GpuContext:
     def memcpy(self, dst: int, src: int, length: int, stream: str, sync: bool) -> None:
         self.enter()
         rt = self.cp.cuda.runtime
-        if sync and stream == "legacy":
-            self._call("memcpy", stream, lambda: rt.memcpy(dst, src, length, 4))
-            return
         s = self.stream(stream)
         self._call("memcpy", stream, lambda: rt.memcpyAsync(dst, src, length, 4, s.ptr))
         if sync:

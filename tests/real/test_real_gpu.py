@@ -195,6 +195,34 @@ def test_every_reduce_kernel_against_numpy(gpu_table):
 
 
 @pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_a_zeroed_region_is_zero_when_allocate_returns_though_the_legacy_stream_is_busy(gpu_table):
+    """The protocol copies into a fresh region on a non-blocking stream (the fixed policy's ``enqueue``),
+    which does not wait for the legacy stream; the region's zero fill must have landed when the allocation
+    returns, however busy the legacy stream is (here a spin kernel that times out after 0.5 s; in a job,
+    other ranks' contexts sharing the GPU). A ``cudaMemset`` on the legacy stream returned at once and
+    zeroed the region after the copy. (Its sibling, a small ``cudaMemcpy`` from pageable memory returning
+    before its bytes land, showed only with four ranks sharing the GPU:
+    ``test_gpu_parity_of_tensors_of_kilobytes_to_megabytes``.)"""
+    ctx, table = gpu_table
+    _alloc(table, 1, "pinned", 64)
+    rng = np.random.default_rng(3)
+    for size in (8, 20_000, 1 << 20):
+        _alloc(table, 10, "device", size, zero=False)
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        table.write(10, 0, data)
+        ctx.launch_spin("legacy", table.ptr(1), 1, 0, b"x", 0.5)
+        _alloc(table, 11, "device", size)
+        ctx.memcpy(table.ptr(11), table.ptr(10), size, "enqueue", sync=True)
+        assert ctx.stream_sync("legacy", 10.0)
+        got = table.read(11, 0, size)
+        bad = next((i for i in range(size) if got[i] != data[i]), None)
+        assert bad is None, f"{size} bytes: wrong from byte {bad} on ({'zero' if not any(got[bad:]) else 'other'})"
+        for rid in (10, 11):
+            table.entries.pop(rid).storage.free()
+
+
+@pytest.mark.gpu
 def test_host_regions_cannot_export_ipc(gpu_table):
     ctx, table = gpu_table
     h = _alloc(table, 1, "pinned", 4096)

@@ -232,6 +232,28 @@ def _one_way_warmup(f: Facts) -> tuple[str, str] | None:
     return None
 
 
+def _cold_kernel_behind_spin(f: Facts) -> tuple[str, str] | None:
+    """A run that failed in a collective in which a rank launched a reduce kernel for the first time, not
+    preloaded, right behind its resident spin kernel, with nothing else named: the module load waits for the
+    spin kernel, which waits for copies the load holds. Found from the protocol's marks when the collective's
+    time limit ended the run before a hang dump could name ``module-load:<kernel>``."""
+    if f.verdict == "completed":
+        return None
+    open_: dict[int, dict[str, Any]] = {}
+    for m in f.marks:
+        if m["name"] == "kernel_first_launch" and not m["data"].get("preloaded", True):
+            open_[m["rank"]] = m
+        elif m["name"] == "collective_done":
+            open_.pop(m["rank"], None)
+    if not open_:
+        return None
+    ranks = sorted(open_)
+    kernel = open_[ranks[0]]["data"].get("kernel")
+    return "lazy-kernel-load", (f"rank(s) {_ranks(ranks)} first launched {kernel}, not preloaded, behind the resident "
+                                "spin kernel, and that collective never finished: the module load waits for the "
+                                "spin kernel, which waits for copies the load holds")
+
+
 #: The rules, most specific first. Worker- and collective-level marks come from the collective phase.
 RULES: tuple[Rule, ...] = (
     # before _error_cause: whether the check ran before or after enqueueing is the point of failure mode 14
@@ -266,6 +288,8 @@ RULES: tuple[Rule, ...] = (
     _unreachable_segment,
     _ping_false_positive,
     _uninitialized_sync_flag,
+    # last: a fallback for a run that stopped before a dump could name the resource holding it
+    _cold_kernel_behind_spin,
 )
 
 

@@ -588,6 +588,20 @@ def test_diagnose_clean_and_unknown() -> None:
     assert d.cause is None and d.wait_for == (("rank0/caller", "rank1"),)
 
 
+def test_diagnose_a_cold_kernel_behind_the_spin_in_a_collective_that_never_finished() -> None:
+    """The collective's time limit ended the run before a dump named the module load: the marks name it."""
+    start = _m(0, "collective_start", index=1, op="allreduce")
+    cold = _m(0, "kernel_first_launch", kernel="reduce_uint8_min", preloaded=False)
+    err = {0: ("collective 1 (allreduce) did not finish in 5 s", None)}
+    d = diagnose([start, cold], [], err, "error")
+    assert d.cause == "lazy-kernel-load" and "reduce_uint8_min" in d.explanation and "rank(s) 0" in d.explanation
+    done = _m(0, "collective_done", index=1, op="allreduce")
+    assert diagnose([start, cold, done], [], err, "error").cause is None  # that collective finished
+    assert diagnose([start, cold], [], {}, "completed").cause is None
+    # a cause the protocol named comes first
+    assert diagnose([start, cold], [], {0: ("slot", "task-slot-exhaustion")}, "error").cause == "task-slot-exhaustion"
+
+
 def test_wait_for_graph_resources() -> None:
     b = [Blocked(0, "gpu", "DeviceWork", "x", (), 0.0, "module-load:reduce_int32_sum"),
          Blocked(1, "caller", "StoreWait", "keys", ("store:k",), 0.0)]

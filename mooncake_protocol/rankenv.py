@@ -15,6 +15,10 @@ from typing import Any
 from . import topology as topo
 from .policy import Policy
 
+#: The protocol's own waits are this share of the scenario's deadlines: the fixed policy's bounded connect
+#: wait (of ``deadlines.bootstrap_s``) and a collective's wait for its stream (of ``deadlines.collective_s``).
+HOST_WAIT_SHARE = 0.5
+
 KIB = 1024
 MIB = 1024 * KIB
 
@@ -127,8 +131,8 @@ def make_rank_envs(scenario: Any, address_of: Callable[[str], str] | None = None
             has_rdma_nic=bool(rdma),
             gpudirect=bool(rdma) and all(n.gpudirect for n in rdma),
             seed=scenario.seed,
-            connect_timeout_s=scenario.deadlines.bootstrap_s * 0.5,
-            collective_timeout_s=scenario.deadlines.collective_s * 0.5,
+            connect_timeout_s=scenario.deadlines.bootstrap_s * HOST_WAIT_SHARE,
+            collective_timeout_s=scenario.deadlines.collective_s * HOST_WAIT_SHARE,
             workload=tuple(scenario.workload),
             faults=faults,
             data_values=getattr(scenario, "data", "values") == "values",

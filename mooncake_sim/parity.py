@@ -25,6 +25,7 @@ import mooncake_protocol
 from mooncake_protocol.canonical import canonical, diff
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.outcome import evaluate
+from mooncake_protocol.rankenv import HOST_WAIT_SHARE
 from mooncake_protocol.resources import check_output
 from mooncake_protocol.scenario import load_scenario
 
@@ -50,6 +51,9 @@ class ParityResult:
     missed_checks: dict[str, int] = field(default_factory=dict)
     #: the host-timing failures (:data:`HOST_TIMING_CAUSES`) that the scenario's policy leaves open
     races: tuple[str, ...] = ()
+    #: the scenario's two time limits that can end a stuck collective: the protocol's own wait for it (an
+    #: error) and the stall window (a hang), in seconds
+    limits: dict[str, float] = field(default_factory=dict)
 
     @property
     def equal(self) -> bool:
@@ -69,6 +73,9 @@ class ParityResult:
         itself (:data:`HOST_TIMING_CAUSES`) and the other did not; else None."""
         if self.status != "differ":
             return None
+        close = self._close_limits()
+        if close:
+            return close
         causes = {self.sim.get("cause"), self.real.get("cause")}
         for cause, race in HOST_TIMING_CAUSES.items():
             if cause in causes and self.sim.get("cause") != self.real.get("cause"):
@@ -81,6 +88,22 @@ class ParityResult:
             if any(block.startswith(f"fact {race.fact} differs") for block in self.diff):
                 return f"the runs differ in {race.what}, where this policy leaves {cause} open: {race.why}"
         return None
+
+    def _close_limits(self) -> str | None:
+        """One world ended as a hang and the other as an error with the same cause, and the collective's own
+        wait and the stall window lie within a quarter of each other: which ran out first was timing."""
+        if {self.sim.get("verdict"), self.real.get("verdict")} != {"hang", "error"}:
+            return None
+        if self.sim.get("cause") != self.real.get("cause"):
+            return None
+        wait, stall = self.limits.get("collective"), self.limits.get("stall")
+        if not wait or not stall or abs(wait - stall) > 0.25 * max(wait, stall):
+            return None
+        hung = "real" if self.real.get("verdict") == "hang" else "simulated"
+        return (f"the {hung} run ended as a hang, the other as an error: two time limits lie close together, a "
+                f"collective's own wait (half of deadlines.collective_s, {wait:g} s) ends a stuck collective as an "
+                f"error, the stall window (deadlines.stall_s, {stall:g} s) as a hang, and which runs out first is "
+                "timing. Set stall_s well below half of collective_s (or well above it) for one story")
 
     def to_json(self) -> dict[str, Any]:
         def brief(o: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +248,9 @@ def parity(ref: str, *, calibration: Calibration | None = None, deadline_s: floa
             (where / "sim.canonical.json").write_text(json.dumps(cs, indent=1))
             (where / "real.canonical.json").write_text(json.dumps(cr, indent=1))
         return ParityResult(scenario.name, "equal" if not d else "differ", sim_out, real_out, cs, cr, d,
-                            missed_checks=missed, races=open_races(scenario.policy))
+                            missed_checks=missed, races=open_races(scenario.policy),
+                            limits={"collective": scenario.deadlines.collective_s * HOST_WAIT_SHARE,
+                                    "stall": scenario.deadlines.stall_s})
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -527,6 +527,23 @@ def test_a_difference_in_dropped_peers_or_values_where_the_policy_leaves_a_race_
     assert closed.race_note() is None
 
 
+def test_a_hang_against_an_error_where_the_two_time_limits_lie_close_is_noted() -> None:
+    """A generated GPU scenario (stall_s 5, collective_s 10): a cold reduce kernel held both worlds' collective;
+    the simulated ranks' 5 s wait ran out 10 us before the stall window, the real launcher's stall window
+    first. The note names the two limits and what to set; far-apart limits or different causes get none."""
+    from mooncake_sim.parity import ParityResult
+
+    sim = {"verdict": "error", "cause": "lazy-kernel-load"}
+    real = {"verdict": "hang", "cause": "lazy-kernel-load"}
+    p = ParityResult("s", "differ", sim=sim, real=real, diff=["fact verdict differs"],
+                     limits={"collective": 5.0, "stall": 5.0})
+    note = p.race_note() or ""
+    assert note.startswith("the real run ended as a hang, the other as an error: ") and "stall_s" in note, note
+    assert ParityResult("s", "differ", sim=sim, real=real, limits={"collective": 5.0, "stall": 1.0}).race_note() is None
+    other = dict(real, cause="stale-task-id")
+    assert ParityResult("s", "differ", sim=sim, real=other, limits={"collective": 5.0, "stall": 5.0}).race_note() is None
+
+
 def test_the_races_each_policy_leaves_open() -> None:
     from mooncake_protocol.policy import make_policy
     from mooncake_sim.parity import open_races

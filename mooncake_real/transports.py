@@ -238,9 +238,11 @@ class TransferEngine:
             if w.dst_owner == self.rank:
                 # a process cannot open its own IPC handle (cudaIpcOpenMemHandle: invalid device context);
                 # TENT copies to its own memory directly
-                ptr: int | None = self.table.ptr(rid)
+                ptr: int | str | None = self.table.ptr(rid)
             else:
                 ptr = self._ipc_ptr(w.dst_server, rid)
+            if isinstance(ptr, str):
+                return ptr
             if ptr is None:
                 return "no-ipc-handle"
             self.gpu.copy_ptr(ptr + offset, self.table.ptr(w.src_rid) + w.src_offset, w.length)
@@ -260,10 +262,14 @@ class TransferEngine:
             return None, None
         return TargetInfo(str(e["kind"]), bool(e["ipc"]), bool(e["fabric"])), e
 
-    def _ipc_ptr(self, server: str, rid: int) -> int | None:
+    def _ipc_ptr(self, server: str, rid: int) -> int | str | None:
+        """The opened IPC pointer of a peer's region; None when it has no handle (host memory), "peer-dead"
+        when its server does not answer (as the simulator says of a WRITE to a dead owner)."""
         key = (server, rid)
         if key not in self._ipc_ptrs:
             reply = self.rpc.call(server, "__ipc__", str(rid).encode(), self.rpc_timeout_s)
+            if not reply.ok and reply.error in ("refused", "timeout", "unreachable"):
+                return "peer-dead"
             if not reply.ok or not reply.payload:
                 return None
             self._ipc_ptrs[key] = self.gpu.ipc_open(reply.payload)

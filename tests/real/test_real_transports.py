@@ -115,6 +115,25 @@ def test_tcp_to_owner_without_server_fails_as_peer_dead(two_ranks):
     assert _wait(engine, bid) == ("failed:peer-dead",)
 
 
+def test_nvlink_to_an_owner_whose_server_is_gone_fails_as_peer_dead(two_ranks, monkeypatch):
+    """A WRITE over CUDA IPC to a rank that died before its handle was fetched: the registry file it left
+    still shows an exported device region, and its server does not answer. The reason is ``peer-dead``, as
+    the simulator says; ``no-ipc-handle`` named host-region-gpu-label as the cause of a killed rank's run."""
+    from mooncake_protocol.fabric import TargetInfo
+    from mooncake_real import transports
+
+    _, engine, _, _ = two_ranks
+
+    class Gpu:
+        available = True
+
+    engine.gpu = Gpu()
+    monkeypatch.setattr(transports, "target_facts",
+                        lambda regions, owner, addr, length: (TargetInfo("device", True, False), {"shm": None}))
+    bid = engine.submit((fx.WriteReq("nvlink", 1, 0, 4, 0, f"127.0.0.1:{free_port()}", region_addr(0, 1), 0),))
+    assert _wait(engine, bid) == ("failed:peer-dead",)
+
+
 @pytest.mark.timeout(60)
 def test_between_two_processes():
     r = launch(2, entry="real_activities:data_path", pythonpath=[HERE], args={"ports": free_ports(2)}, deadline_s=30)

@@ -26,7 +26,7 @@ from .effects import Activity, mark
 from .errors import ProtocolError
 from .rankenv import BUFFER_SIZE
 from .reduce import ITEMSIZE, combine, from_numpy, kernel_name, to_numpy, unsupported_reason
-from .worker import ACTIVE_SET, SLOT_BYTES, TASK_OFFSET, Op, Task
+from .worker import ACTIVE_SET, SLOT_BYTES, SPIN_GAVE_UP_OFFSET, TASK_OFFSET, Op, Task
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -179,6 +179,10 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
         ok = yield fx.StreamSync(stream, env.collective_timeout_s, what=f"collective {index} ({spec.op}) to finish")
         if not ok:
             raise ProtocolError(f"collective {index} ({spec.op}) did not finish in {env.collective_timeout_s:g} s")
+        if (yield from spin_gave_up(b)):
+            raise ProtocolError(f"collective {index} ({spec.op}) did not finish: a spin kernel gave up after its safety "
+                                f"limit ({SPIN_TIMEOUT_FACTOR * env.collective_timeout_s:g} s; Mooncake's spins on), "
+                                "so the stream ran on without the exchange")
     gets_output = not (op in (Op.REDUCE, Op.GATHER) and env.rank != spec.root)
     if op is Op.BARRIER:
         output = "ok"
@@ -190,6 +194,16 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
     active = yield fx.ReadMem(b.regions["active_ranks"].rid, 0, env.size)
     yield mark("collective_done", index=index, op=spec.op, output=output, active=[int(x) for x in active])
     return output
+
+
+def spin_gave_up(b: Backend) -> Activity:
+    """Whether a spin kernel of the CUDA task slots (2 and 3) ran out its safety limit. A caller held past it
+    (a cold kernel's launch blocks the host thread behind the resident spin kernel, on the H100) finds its
+    stream finished when it gets to wait, and would end the collective with values that never arrived."""
+    table = b.process.worker.table
+    raw = yield fx.ReadMem(table.rid, 2 * SLOT_BYTES, 2 * SLOT_BYTES)
+    words = (raw[at:at + 4] for at in (SPIN_GAVE_UP_OFFSET, SLOT_BYTES + SPIN_GAVE_UP_OFFSET))
+    return any(int.from_bytes(w, "little") for w in words)
 
 
 def _steady_state(b: Backend, index: int, c: int, nchunks: int, stream: str) -> Activity:

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 NUM_SLOTS = 4
 SLOT_BYTES = 64
 TASK_OFFSET = 8
+#: int32 in a slot that our spin kernel sets when its safety limit ran out (Mooncake's has no limit); nothing
+#: else writes it, so it outlives the worker's later write of ``active``
+SPIN_GAVE_UP_OFFSET = 4
 TASK_FMT = "<iiqiiii"  # op, root, size (bytes per rank slice), parity, group, seq, n (elements)
 INVALID_TASK_ID = (1 << 64) - 1
 #: What an uninitialised ``rankToTaskId`` stack array holds before a slot's first batch.

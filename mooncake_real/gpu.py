@@ -2,11 +2,13 @@
 
 Rules of this module:
 
-* The spin kernel (``spin``) is one thread. It writes the task bytes into slot ``slot`` of the task table
-  (64-byte slots: int32 ``active`` at offset 0, task bytes from offset 8, at most :data:`TASK_BYTES`),
-  fences (``__threadfence_system``), sets ``active = 1`` and spins while ``active`` stays 1. It is bounded
-  by ``%globaltimer``: after ``timeout_s`` it sets ``active = 3`` (:data:`SPIN_TIMED_OUT`) and exits, so it
-  can never hang the GPU.
+* The spin kernel (``spin``) is one thread. It clears the slot's ``gave_up`` word, writes the task bytes
+  into slot ``slot`` of the task table (64-byte slots: int32 ``active`` at offset 0, int32 ``gave_up`` at
+  offset 4, task bytes from offset 8, at most :data:`TASK_BYTES`), fences (``__threadfence_system``), sets
+  ``active = 1`` and spins while ``active`` stays 1. It is bounded by ``%globaltimer``: after ``timeout_s``
+  it sets ``gave_up = 1`` and ``active = 3`` (:data:`SPIN_TIMED_OUT`) and exits, so it can never hang the
+  GPU. ``gave_up`` stays set when the worker later writes ``active``; the caller checks it after the
+  collective (``collectives.spin_gave_up``).
 * Reduce kernels ``reduce_<dtype>_<op>``: 64 blocks x 256 threads, grid-stride loop; per element the first
   active rank initialises the accumulator, the others are combined; inactive ranks are skipped; nothing is
   written when no rank is active. The active set is a bit mask argument, or (``ReduceArgs.active_rid``) a
@@ -57,7 +59,9 @@ extern "C" __global__ void spin(int* slot_base,
                                 unsigned long long w3, unsigned long long w4, unsigned long long w5,
                                 unsigned long long w6, unsigned long long timeout_ns) {
     volatile int* active = slot_base;
+    volatile int* gave_up = slot_base + 1;
     volatile unsigned long long* task = (volatile unsigned long long*)((char*)slot_base + 8);
+    *gave_up = 0;
     task[0] = w0; task[1] = w1; task[2] = w2; task[3] = w3; task[4] = w4; task[5] = w5; task[6] = w6;
     __threadfence_system();
     *active = 1;
@@ -67,6 +71,8 @@ extern "C" __global__ void spin(int* slot_base,
     while (*active == 1) {
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
         if (now - start > timeout_ns) {
+            *gave_up = 1;
+            __threadfence_system();
             *active = 3;
             __threadfence_system();
             return;

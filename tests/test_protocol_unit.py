@@ -602,6 +602,32 @@ def test_diagnose_a_cold_kernel_behind_the_spin_in_a_collective_that_never_finis
     assert diagnose([start, cold], [], {0: ("slot", "task-slot-exhaustion")}, "error").cause == "task-slot-exhaustion"
 
 
+def test_a_spin_kernel_that_gave_up_is_found_in_either_cuda_slot() -> None:
+    """The word our spin kernel sets when its safety limit ran out (offset 4 of task slots 2 and 3) is what
+    the caller checks after the collective's stream finished."""
+    from types import SimpleNamespace
+
+    from mooncake_protocol.collectives import spin_gave_up
+    from mooncake_protocol.worker import SLOT_BYTES, SPIN_GAVE_UP_OFFSET
+
+    table = fx.Region(7, "task_table", "pinned", region_addr(0, 7), 4 * SLOT_BYTES)
+    b = SimpleNamespace(process=SimpleNamespace(worker=SimpleNamespace(table=table)))
+    for slot in (None, 2, 3):
+        mem = bytearray(2 * SLOT_BYTES)
+        for s in (2, 3):  # active words of both slots set: not what the check looks at
+            mem[(s - 2) * SLOT_BYTES:(s - 2) * SLOT_BYTES + 4] = (3).to_bytes(4, "little")
+        if slot is not None:
+            at = (slot - 2) * SLOT_BYTES + SPIN_GAVE_UP_OFFSET
+            mem[at:at + 4] = (1).to_bytes(4, "little")
+
+        def answer(eff: fx.Effect, mem: bytes = bytes(mem)) -> Any:
+            assert isinstance(eff, fx.ReadMem) and (eff.rid, eff.offset, eff.length) == (7, 2 * SLOT_BYTES, 2 * SLOT_BYTES)
+            return mem
+
+        gave_up, _ = drive(spin_gave_up(b), answer)  # type: ignore[arg-type]
+        assert gave_up is (slot is not None), slot
+
+
 def test_wait_for_graph_resources() -> None:
     b = [Blocked(0, "gpu", "DeviceWork", "x", (), 0.0, "module-load:reduce_int32_sum"),
          Blocked(1, "caller", "StoreWait", "keys", ("store:k",), 0.0)]

@@ -171,6 +171,7 @@ def test_spin_kernel_times_out_by_itself(gpu_table):
     assert ctx.stream_sync("enqueue", 10.0) is True
     assert 0.25 <= time.monotonic() - t < 10.0
     assert _flag(table, 1) == 3
+    assert int.from_bytes(table.read(1, 4, 4), "little") == 1  # gave_up: the caller's check after the stream
     assert ctx.resident_spins() == []
 
 

@@ -286,22 +286,24 @@ class DeviceBuffer:
         return int(self.mem.ptr)
 
     def fill_zero(self) -> None:
-        self.gpu.host_io("memset", lambda s: self.gpu.cp.cuda.runtime.memsetAsync(self.ptr, 0, self.size, s.ptr))
+        self.gpu.host_io("memset", lambda s: self.gpu.cp.cuda.runtime.memsetAsync(self.ptr, 0, self.size, s.ptr),
+                         wait=False)
 
     def read(self, offset: int, length: int) -> bytes:
         import numpy as np
 
         out = np.empty(length, dtype=np.uint8)
         self.gpu.host_io("memcpy", lambda s: self.gpu.cp.cuda.runtime.memcpyAsync(
-            out.ctypes.data, self.ptr + offset, length, 4, s.ptr))
+            out.ctypes.data, self.ptr + offset, length, 4, s.ptr), wait=True)
         return out.tobytes()
 
     def write(self, offset: int, data: bytes) -> None:
         import numpy as np
 
+        # from pageable memory the bytes are staged before the call returns: ``data`` may go at once
         buf = np.frombuffer(data, dtype=np.uint8)
         self.gpu.host_io("memcpy", lambda s: self.gpu.cp.cuda.runtime.memcpyAsync(
-            self.ptr + offset, buf.ctypes.data, len(data), 4, s.ptr))
+            self.ptr + offset, buf.ctypes.data, len(data), 4, s.ptr), wait=False)
 
     def free(self) -> None:
         self.mem = None
@@ -327,6 +329,8 @@ class GpuContext:
         self._lock = threading.Lock()
         self._event_ids = itertools.count(1)
         self._registered: dict[str, int] = {}
+        self._io_event: Any = None  # the last host write or fill of a device region (host_io)
+        self._io_waited: set[str] = set()  # streams already made to wait for it
         self._ipc_open: dict[bytes, int] = {}
 
     @staticmethod
@@ -391,26 +395,45 @@ class GpuContext:
                                                         lambda: self.cp.cuda.runtime.ipcOpenMemHandle(handle, 1)))
             return self._ipc_open[handle]
 
-    def host_io(self, what: str, fn: Any) -> None:
+    def host_io(self, what: str, fn: Any, wait: bool) -> None:
         """Run ``fn(stream)`` (a host<->device copy or a memset of a :class:`DeviceBuffer`) on the rank's own
-        non-blocking stream ``__hostio__`` and wait until the device has finished it.
+        non-blocking stream ``__hostio__``; ``wait``: until the device has finished it (a read), else every
+        stream this rank enqueues work on later waits for it on the device first (:meth:`work_stream`).
 
-        Not ``cudaMemcpy`` on the legacy stream: from pageable host memory it returns once the bytes are
-        *staged*, before the DMA of the last staging block lands, and ``cudaMemset`` returns at once. A copy
-        the protocol then enqueues on a non-blocking stream (the fixed policy's ``enqueue``) does not wait
-        for the legacy stream, so it could read a tensor partly old: a 20 KB allgather input arrived with
-        its first values right and the rest stale, differently on every run. The tensor a caller hands to
-        Mooncake is complete, so this waits for the device; and like the simulator's ``ReadMem`` and
-        ``WriteMem`` it does not queue behind kernels of other streams."""
+        Not ``cudaMemcpy``/``cudaMemset`` on the legacy stream, with nothing after: the memset returns at once,
+        a small copy from pageable memory once its bytes are staged, and the copy the protocol then enqueues
+        on a non-blocking stream (the fixed policy's ``enqueue``) does not wait for the legacy stream. A 20 KB
+        allgather input arrived half written or zeroed after its values, differently on every run. Waiting on
+        the host instead cost a GPU time slice (about 2 ms with other ranks' spin kernels resident) per
+        write; a caller's tensor reaches Mooncake stream-ordered, not waited for. Like the simulator's
+        ``ReadMem`` and ``WriteMem``, none of this queues behind kernels of other streams."""
         self.enter()
         s = self.stream("__hostio__")
         self._call(what, "__hostio__", lambda: fn(s))
-        self._call("sync", "__hostio__", s.synchronize)
+        if wait:
+            self._call("sync", "__hostio__", s.synchronize)
+            return
+        ev = self.cp.cuda.Event(disable_timing=True)
+        self._call("event", "__hostio__", lambda: ev.record(s))
+        with self._lock:
+            self._io_event = ev
+            self._io_waited = set()
+
+    def work_stream(self, name: str) -> Any:
+        """Stream ``name``, made to wait on the device for the last host write or fill of a device region."""
+        s = self.stream(name)
+        with self._lock:
+            ev = self._io_event
+            if ev is None or name in self._io_waited:
+                return s
+            self._io_waited.add(name)
+        self._call("event", name, lambda: s.wait_event(ev))
+        return s
 
     def copy_ptr(self, dst: int, src: int, length: int) -> None:
         """A synchronous copy for the NVLink transport, on its own non-blocking stream (as TENT does)."""
         self.enter()
-        s = self.stream("__transfer__")
+        s = self.work_stream("__transfer__")
         self._call("memcpy", "__transfer__", lambda: self.cp.cuda.runtime.memcpyAsync(dst, src, length, 4, s.ptr))
         self._call("sync", "__transfer__", s.synchronize)
 
@@ -465,27 +488,27 @@ class GpuContext:
     def _launch(self, kernel: str, stream: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...]) -> None:
         self.enter()
         k = self.kernels.get(kernel)
-        s = self.stream(stream)
+        s = self.work_stream(stream)
         self._call("launch", kernel, lambda: k(grid, block, args, stream=s))
         self.kernels.loaded.add(kernel)
 
     def memcpy(self, dst: int, src: int, length: int, stream: str, sync: bool) -> None:
         self.enter()
         rt = self.cp.cuda.runtime
-        s = self.stream(stream)
+        s = self.work_stream(stream)
         self._call("memcpy", stream, lambda: rt.memcpyAsync(dst, src, length, 4, s.ptr))
         if sync:
             self._call("sync", stream, s.synchronize)
 
     def memset(self, ptr: int, value: int, length: int, stream: str) -> None:
         self.enter()
-        s = self.stream(stream)
+        s = self.work_stream(stream)
         self._call("memset", stream, lambda: self.cp.cuda.runtime.memsetAsync(ptr, value, length, s.ptr))
 
     def event_record(self, stream: str) -> int:
         self.enter()
         ev = self.cp.cuda.Event(disable_timing=True)
-        s = self.stream(stream)
+        s = self.work_stream(stream)
         self._call("event", stream, lambda: ev.record(s))
         eid = next(self._event_ids)
         self.events[eid] = ev

@@ -197,12 +197,12 @@ def test_every_reduce_kernel_against_numpy(gpu_table):
 
 @pytest.mark.gpu
 @pytest.mark.timeout(120)
-def test_a_zeroed_region_is_zero_when_allocate_returns_though_the_legacy_stream_is_busy(gpu_table):
+def test_a_zeroed_region_is_zero_for_a_later_copy_on_a_non_blocking_stream_though_the_legacy_one_is_busy(gpu_table):
     """The protocol copies into a fresh region on a non-blocking stream (the fixed policy's ``enqueue``),
-    which does not wait for the legacy stream; the region's zero fill must have landed when the allocation
-    returns, however busy the legacy stream is (here a spin kernel that times out after 0.5 s; in a job,
-    other ranks' contexts sharing the GPU). A ``cudaMemset`` on the legacy stream returned at once and
-    zeroed the region after the copy. (Its sibling, a small ``cudaMemcpy`` from pageable memory returning
+    which does not wait for the legacy stream; the region's zero fill must come before that copy, however
+    busy the legacy stream is (here a spin kernel that times out after 0.5 s; in a job, other ranks'
+    contexts sharing the GPU). A ``cudaMemset`` on the legacy stream returned at once and zeroed the region
+    after the copy. (Its sibling, a small ``cudaMemcpy`` from pageable memory returning
     before its bytes land, showed only with four ranks sharing the GPU:
     ``test_gpu_parity_of_tensors_of_kilobytes_to_megabytes``.)"""
     ctx, table = gpu_table

@@ -45,14 +45,14 @@ FULL_OUTPUT_LIMIT = 256
 #: Host time between two concurrent groups' collectives issued by one thread (copy, spin kernel and
 #: buffer-to-tensor enqueue calls of the first), so their spin kernels start microseconds apart, not at once.
 GROUP_ISSUE_GAP_S = 20e-6
-#: Chunks issued in detail before the caller offers the driver to fast-forward over the identical ones
-#: (:class:`~mooncake_protocol.effects.SteadyState`), and the fewest chunks a collective needs for the offer.
 #: The spin kernel's own time limit, in multiples of the host's wait for a collective. Mooncake's spin
 #: kernel has none; ours has one so that a GPU is never left hung. It must outlast the host's wait: a spin
 #: kernel that gave up first let the stream run on, and the rank ended a collective whose data never came,
 #: "completed" with wrong values in one world while the other timed out (a lazy-loaded reduce kernel held
 #: behind it, with the two time limits equal, on the H100).
 SPIN_TIMEOUT_FACTOR = 2.0
+#: Chunks issued in detail before the caller offers the driver to fast-forward over the identical ones
+#: (:class:`~mooncake_protocol.effects.SteadyState`), and the fewest chunks a collective needs for the offer.
 STEADY_AFTER_CHUNKS = 4
 STEADY_MIN_CHUNKS = 16
 
@@ -260,8 +260,8 @@ def _chunk_cuda(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, str
     # a task's sequence number is taken when it is built: concurrent groups of one device must not share one
     task = Task(op, spec.root, n, parity, b.group, worker.seq, n // ITEMSIZE[spec.dtype])
     worker.seq += 1
-    yield fx.Launch("spin", stream, fx.SpinArgs(worker.table.rid, slot, task.pack(),
-                                                       SPIN_TIMEOUT_FACTOR * env.collective_timeout_s))
+    spin = fx.SpinArgs(worker.table.rid, slot, task.pack(), SPIN_TIMEOUT_FACTOR * env.collective_timeout_s)
+    yield fx.Launch("spin", stream, spin)
     if reason is not None:
         # Mooncake raised here, after this chunk's copy and spin kernel were enqueued: the exchange still runs,
         # the output is never written and the counters are not advanced.

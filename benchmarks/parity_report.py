@@ -1,6 +1,6 @@
 """Parity and timing report: every bundled scenario this machine can realise, simulated and run for real.
 
-    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--repeat K] [--sim-seeds N] [--keep DIR] [--json]
+    PYTHONPATH=. python benchmarks/parity_report.py [--calibration FILE] [--gpu] [--repeat K] [--sim-seeds N] [--keep DIR] [--budget S] [--json]
 
 For each bundled scenario whose ``realisable`` says cpu (and, with ``--gpu``, the GPU ones), runs the
 simulator (with the calibration file, if given) and ``mooncake-real run`` (a subprocess), and prints the
@@ -52,6 +52,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -337,7 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-seeds", type=int, metavar="N",
                     help="simulated runs per scenario (spread seeds 0..N-1), at least K; the first K are paired "
                          f"with the real runs (default: {SIM_SEEDS} or K, whichever is larger, when K > 1; else 1)")
+    ap.add_argument("--budget", type=float, metavar="SECONDS",
+                    help="start no round that would likely end past this many seconds from the start (judged "
+                         "by the longest round so far), and report on the rounds done; for a machine lent for a "
+                         "limited time, where a report killed in its last round prints nothing")
     args = ap.parse_args(argv)
+    if args.budget is not None and args.budget <= 0:
+        ap.error("--budget must be above 0 seconds")
     if args.repeat < 1:
         ap.error("--repeat must be 1 or more")
     if args.sim_seeds is not None and args.sim_seeds < args.repeat:
@@ -381,7 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cals = [] if args.recalibrate is not None else [cal]  # with --recalibrate: round k's calibration
     done: dict[str, list[ParityResult]] = {name: [] for name in names}
+    started, round_at, longest, rounds_done = time.monotonic(), time.monotonic(), 0.0, 0
     for name, k in run_order(names, args.repeat):
+        if k > rounds_done:  # round k starts: round k-1 is done
+            now = time.monotonic()
+            longest, round_at, rounds_done = max(longest, now - round_at), now, k
+            if args.budget is not None and now - started + longest > args.budget:
+                print(f"parity_report: --budget {args.budget:g} s: stopped after {k} of {args.repeat} rounds "
+                      f"(the longest took {longest:.0f} s, {now - started:.0f} s gone); the report covers those",
+                      file=sys.stderr, flush=True)
+                break
         if ref is not None and len(speeds) == k:  # a round starts: the host's speed first
             if args.recalibrate is not None:
                 got, fresh = recalibrated(args.calibration, args.gpu, k, args.keep, args.recalibrate)

@@ -472,6 +472,39 @@ def test_report_recalibrates_before_each_round(tmp_path: object, monkeypatch: py
     assert "no in-job figures" in capsys.readouterr().err
 
 
+def test_report_with_a_budget_stops_between_rounds_and_reports_the_rounds_done(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--budget: a device call with a time limit killed a report in its last round, and it printed nothing.
+    Rounds of 20 s (two scenarios of 10 s) under a 50 s budget: two rounds, then a line, then the report."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    from mooncake_sim.parity import ParityResult
+
+    clock = [1000.0]
+    used: list[tuple[str, int]] = []
+
+    def fake_parity(name: str, *, calibration: object, spread_seed: int, trace_dir: str | None) -> ParityResult:
+        used.append((name, spread_seed))
+        clock[0] += 10.0
+        times = {"phase_times_s": {"bootstrap": 0.01}}
+        return ParityResult(name, "equal", sim=dict(times), real=dict(times))
+
+    monkeypatch.setattr(parity_report.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(parity_report, "parity", fake_parity)
+    monkeypatch.setattr(parity_report, "sim_only", lambda name, cal, seed: ({"phase_times_s": {"bootstrap": 0.01}}, 0))
+    monkeypatch.setattr(parity_report, "load_scenario", lambda name: None)
+    assert parity_report.main(["--only", "a", "b", "--repeat", "5", "--budget", "50", "--json"]) == 0
+    assert used == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    out = capsys.readouterr()
+    assert "stopped after 2 of 5 rounds" in out.err
+    assert [r["scenario"] for r in json.loads(out.out)] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        parity_report.main(["--budget", "0"])
+
+
 def test_report_refuses_an_unknown_scenario_or_a_broken_calibration_in_one_line(
         tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     """Before any run: a traceback was what `--only` with a typo, or a calibration file that is not JSON, gave."""

@@ -11,14 +11,18 @@ from typing import TYPE_CHECKING, Any
 
 from mooncake_protocol import effects as fx
 from mooncake_protocol.reduce import ITEMSIZE, combine
-from mooncake_protocol.worker import SPIN_GAVE_UP_OFFSET
+from mooncake_protocol.worker import (
+    ACTIVE_SET,
+    ACTIVE_TIMED_OUT,
+    SLOT_BYTES,
+    SPIN_GAVE_UP_OFFSET,
+    TASK_OFFSET,
+)
 
 from .gpu import DEVICE_BW, HOST_LINK_BW, KERNEL_LAUNCH_S, REDUCE_BW, Context, Op
 
 if TYPE_CHECKING:
     from .driver import SimRank, Simulation
-
-SPIN_TIMED_OUT = 3
 
 
 def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
@@ -29,17 +33,18 @@ def launch_op(sim: Simulation, r: SimRank, ctx: Context, eff: fx.Launch) -> Op:
 
         def start() -> None:
             table = r.regions[args.table_rid]
-            table.write(args.slot * 64 + SPIN_GAVE_UP_OFFSET, bytes(4))
-            table.write(args.slot * 64 + 8, args.task)
-            table.write(args.slot * 64, (1).to_bytes(4, "little"))
+            at = args.slot * SLOT_BYTES
+            table.write(at + SPIN_GAVE_UP_OFFSET, bytes(4))
+            table.write(at + TASK_OFFSET, args.task)
+            table.write(at, ACTIVE_SET.to_bytes(4, "little"))
             ctx.spins[key] = op
             sim.dirty(r.env.rank)
             timer = sim.env.timeout(args.timeout_s)
 
             def expire(_e: Any) -> None:
                 if key in ctx.spins and ctx.spins[key] is op:
-                    table.write(args.slot * 64 + SPIN_GAVE_UP_OFFSET, (1).to_bytes(4, "little"))
-                    table.write(args.slot * 64, SPIN_TIMED_OUT.to_bytes(4, "little"))
+                    table.write(at + SPIN_GAVE_UP_OFFSET, (1).to_bytes(4, "little"))
+                    table.write(at, ACTIVE_TIMED_OUT.to_bytes(4, "little"))
                     ctx.release_spin(key, noticed=True)
                     sim.dirty(r.env.rank)
 

@@ -69,8 +69,10 @@ class ParityResult:
         return {ph: (ps[ph] / pr[ph] if ph in ps and pr.get(ph) else None) for ph in sorted(set(ps) | set(pr), key=_phase_key)}
 
     def race_note(self) -> str | None:
-        """Why the worlds may differ when one of them met a failure that a slow moment of the host causes by
-        itself (:data:`HOST_TIMING_CAUSES`) and the other did not; else None."""
+        """Why the worlds may differ, where it is timing rather than the model: a hang in one and an error in the
+        other where the two time limits lie close (:meth:`_close_limits`); one of them met a failure that a slow
+        moment of the host causes by itself (:data:`HOST_TIMING_CAUSES`) and the other did not; or the race such
+        a failure comes from, left open by the policy, left its fact in one world only. Else None."""
         if self.status != "differ":
             return None
         close = self._close_limits()

@@ -821,7 +821,7 @@ class Simulation:
         if host is None:
             yield env.timeout(eff.timeout_s)
             return fx.RpcReply(False, b"", "unreachable")
-        one_way = self.cal.rpc_one_way_s if self.cal.rpc_one_way_s is not None else self.network.one_way(r.env.host, host)
+        one_way = self.rpc_one_way(r, host)
         holder = self.network.ports.get((host, port))
         if holder is None:
             yield env.timeout(2 * one_way)
@@ -856,6 +856,16 @@ class Simulation:
         payload = server.handler(eff.method, eff.payload)
         yield env.timeout(one_way)
         return fx.RpcReply(True, payload, None)
+
+    def rpc_one_way(self, r: SimRank, host: str) -> float:
+        """One leg of an RPC from rank ``r`` to ``host``: the calibrated ``rpc_one_way_s``, else the topology's."""
+        return self.cal.rpc_one_way_s if self.cal.rpc_one_way_s is not None else self.network.one_way(r.env.host, host)
+
+    def refused_s(self, r: SimRank, owner: int) -> float:
+        """How long rank ``r`` takes to learn that rank ``owner``'s process is gone: a connection attempt to its
+        closed port, refused after one round trip (as :meth:`_rpc` to a port with no holder; the real client
+        probes the port before a call on a dropped connection, ``mooncake_real.rpc``)."""
+        return 2 * self.rpc_one_way(r, self.ranks[owner].env.host)
 
     def still_taking(self, owner: int) -> bool:
         """Calibrated ``dead_notice_s`` (with ``dead_peer_check_s``): whether rank ``owner`` died so recently

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .memory import SimRegion
 
 MNNVL_SYNC_LIMIT = 128 << 20
+#: how long a WRITE that fails a local check (no path, no handle, unknown address) takes to fail; one to a dead
+#: owner takes a refused connection attempt instead (:meth:`Simulation.refused_s`)
 FAIL_LATENCY_S = 2e-6
 SMALL_PAYLOAD = 64
 #: a WRITE's links, by number (:meth:`TransferModel._links`)
@@ -153,7 +155,8 @@ class TransferModel:
                     else:
                         self._fail_later(bid, i, plan, sim.cal.dead_peer_check_s or 0.0)
                     continue
-                self._fail_later(bid, i, plan, FAIL_LATENCY_S)
+                # a dead owner is learnt from a refused connection attempt; the other failures are local checks
+                self._fail_later(bid, i, plan, sim.refused_s(r, o) if plan == "peer-dead" else FAIL_LATENCY_S)
                 continue
             lat, cap, edges, cuda, in_job = plan
             # sizes mode moves only lengths; small control words (flags) are always carried exactly. Memory does

@@ -147,6 +147,33 @@ def test_a_tent_alltoall_on_a_pcie_box_completes_over_cuda_ipc(tmp_path) -> None
     assert o.results["0:alltoall"]["1"]["output"] == [2, 3, 102, 103, 202, 203, 302, 303]
 
 
+def test_tent_retries_to_a_dead_peer_each_wait_for_a_refused_connection(tmp_path) -> None:
+    """Three ranks share a GPU over TENT, whose buffers offer two transports, so a WRITE that fails is
+    resubmitted; rank 2 dies as the allreduce starts. A WRITE to it fails after a refused connection attempt,
+    one round trip to its host (as the real client's port probe), not at once: the survivors resubmit about
+    once per round trip until the liveness probe marks it broken (before, every 2 us: ten times as many
+    WRITEs and events, 117 s of wall time for a four-rank run)."""
+    from mooncake_sim.driver import Simulation
+
+    sc = tmp_path / "kill.yaml"
+    sc.write_text("name: kill\ntopology: h100-1gpu\nranks: 3\nplacement: [{host: dev0, gpu: 0}, {host: dev0, gpu: 0}, "
+                  "{host: dev0, gpu: 0}]\nbackend: cuda\nengine: tent\npolicy: fixed\n"
+                  "faults: [{kind: kill_rank, rank: 2, at: \"collective:1\"}]\nworkload:\n  - {op: barrier}\n"
+                  "  - {op: allreduce, dtype: int32, count: 1, reduce_op: sum, input: \"rank + 1\", "
+                  "expect: {per_rank: {0: [3], 1: [3]}}}\ndeadlines: {bootstrap_s: 10, collective_s: 8, stall_s: 4}\n")
+    scenario = load_scenario(str(sc))
+    sim = Simulation(scenario)
+    rec = sim.run()
+    died = sim.ranks[2].died_at
+    broken = [m["t"] for m in rec.marks if m["name"] == "peer_marked_broken" and m["data"]["peer"] == 2]
+    assert died is not None and len(broken) == 2, [m["name"] for m in rec.marks if m["rank"] < 2][-10:]
+    rtt = sim.refused_s(sim.ranks[0], 2)
+    assert rtt == 2 * sim.network.one_way("dev0", "dev0") > 1e-5
+    retries = 2 * (max(broken) - died) / rtt  # two survivors, one resubmit each per round trip at most
+    assert 0.5 * retries < sim.transfers.writes < retries + 200
+    assert [m["data"]["output"] for m in rec.marks if m["name"] == "collective_done" and m["rank"] < 2][-2:] == [[3], [3]]
+
+
 def test_ranks_that_disagree_on_an_allreduce_are_wrong_values_without_any_expect(tmp_path) -> None:
     """A user's scenario with no expect: under legacy-1755 the sync flags are not zeroed, a stale flag lets a
     rank read its receive buffer early, and ranks end the allreduce with different outputs. That was a clean

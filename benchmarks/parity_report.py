@@ -20,7 +20,10 @@ the race count: a simulated run costs milliseconds, and the race's odds need mor
 The last column ("at real odds") gives each phase's ratio again with the simulated runs weighed to the real
 runs' odds of losing the race (:func:`at_real_odds`): where the race's two outcomes are 50 ms apart, the
 plain median jumps between them with the odds, and this separates "are the times right" from "are the
-odds right" (the race counts). The closing line counts the phases in range both ways.
+odds right" (the race counts). The closing line counts the phases in range both ways; the race column's
+``p=`` is Fisher's exact test of the two worlds' race counts (:func:`odds_p`), and the lines below the table
+name the scenarios whose odds differ and explain each phase out of range plain but in at the real odds
+(:func:`odds_lines`).
 
 With ``--calibration`` the report measures the store round trip at its start and end, as ``calibrate``
 does, and warns (stderr, and below the table) when either differs from the file's by more than 1.3 times:
@@ -50,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -138,6 +142,24 @@ def at_real_odds(sims: list[float | None], sim_lost: list[bool], reals: list[flo
     return weighted_median([(t, share[lost] / n_sim[lost]) for t, lost in sim])
 
 
+def odds_p(sim_lost: int, sim_runs: int, real_lost: int, real_runs: int) -> float | None:
+    """Fisher's exact test, two-sided: the chance, were both worlds' odds of losing the warmup race the same,
+    of counts at least as unequal as these (the hypergeometric tables no likelier than this one, with the
+    margins fixed). Small: the odds differ (the simulator's model of who publishes when is off); large: the
+    counts are what one set of odds gives, and a median that jumped between the race's two modes did so by
+    the draw. None without runs in both worlds."""
+    if sim_runs < 1 or real_runs < 1:
+        return None
+    lost, n = sim_lost + real_lost, sim_runs + real_runs
+
+    def chance(x: int) -> Fraction:
+        return Fraction(math.comb(sim_runs, x) * math.comb(real_runs, lost - x), math.comb(n, lost))
+
+    seen = chance(sim_lost)
+    xs = range(max(0, lost - real_runs), min(sim_runs, lost) + 1)
+    return float(sum(c for c in map(chance, xs) if c <= seen))
+
+
 def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None = None) -> dict[str, Any]:
     """One scenario's line from its runs (and ``extra`` simulator-only runs): the medians of each phase's
     times, simulated over measured, the same with the simulated runs weighed to the real race odds
@@ -168,12 +190,35 @@ def row(runs: list[ParityResult], extra: list[tuple[dict[str, Any], int]] | None
               "sim_runs": len(paired) + len(extra),
               "real": sum(q.missed_checks["real"] > 0 for q in paired), "real_runs": len(paired),
               "sim_lost": sim_lost if raced else None, "real_lost": real_lost if raced else None}
+    missed["odds_p"] = odds_p(missed["sim"], missed["sim_runs"], missed["real"], missed["real_runs"]) if raced else None
     return {"scenario": p.scenario, "status": status, "runs": len(runs), "sim_runs": len(runs) + len(extra),
             "missed": missed,
             "sim": f"{p.sim.get('verdict')}/{p.sim.get('cause') or '-'}",
             "real": f"{p.real.get('verdict')}/{p.real.get('cause') or '-'}", "phases": phases,
             "message": "; ".join(sorted({q.message for q in runs if q.message})),
             "differences": [f"run {k + 1}: " + format_parity(q) for k, q in enumerate(runs) if q.status == "differ"]}
+
+
+def odds_lines(rows: list[dict[str, Any]], alpha: float = 0.05) -> list[str]:
+    """Below the table: the scenarios whose race odds differ between the worlds (:func:`odds_p` under
+    ``alpha``), and each phase out of range as a plain median but in range at the real odds, with whether
+    its scenario's odds are consistent (then the plain miss is the race's draw, not the times)."""
+    out = []
+    differ = [f"{r['scenario']} (p={r['missed']['odds_p']:.3f})" for r in rows
+              if r["missed"].get("odds_p") is not None and r["missed"]["odds_p"] < alpha]
+    if any(r["missed"].get("odds_p") is not None for r in rows):
+        out.append(f"race odds differ (Fisher's exact test, p < {alpha}): " + (", ".join(differ) or "none"))
+    for r in rows:
+        p = r["missed"].get("odds_p")
+        for ph in PHASES:
+            c = r["phases"][ph]
+            plain, odds = c.get("ratio"), c.get("ratio_at_real_odds")
+            if plain is None or odds is None or LOW <= plain <= HIGH or not LOW <= odds <= HIGH:
+                continue
+            why = "consistent odds: the median fell on the other mode by the draw" if p is not None and p >= alpha \
+                else "the odds differ"
+            out.append(f"{r['scenario']} {ph}: {plain:.2f} plain, {odds:.2f} at the real odds ({why})")
+    return out
 
 
 def in_range(rows: list[dict[str, Any]], key: str) -> tuple[int, int]:
@@ -447,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
 
         def race(r: dict[str, Any]) -> str:
             m = r["missed"]
-            return f"sim {m['sim']}/{m['sim_runs']} real {m['real']}/{m['real_runs']}" if m["real_runs"] else "-"
+            if not m["real_runs"]:
+                return "-"
+            p = "" if m.get("odds_p") is None else f" p={m['odds_p']:.2f}"
+            return f"sim {m['sim']}/{m['sim_runs']} real {m['real']}/{m['real_runs']}{p}"
 
         def odds(r: dict[str, Any]) -> str:
             got = [r["phases"][p]["ratio_at_real_odds"] for p in PHASES]
@@ -467,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         plain, odd = in_range(rows, "ratio"), in_range(rows, "ratio_at_real_odds")
         print(f"\nphases in {LOW}-{HIGH}: {plain[0]} of {plain[1]} (medians)"
               + (f", {odd[0]} of {odd[1]} with the simulated runs weighed to the real race odds" if many else ""))
+        for line in odds_lines(rows):
+            print(line)
         if not args.calibration:
             print(UNCALIBRATED_NOTE)
         for r in rows:

@@ -199,7 +199,8 @@ def test_report_counts_lost_races_and_adds_simulator_only_runs() -> None:
     extra = [(times(0.06), 0), (times(0.06), 0), (times(0.11), 3)]
     r = parity_report.row(runs, extra)
     assert r["missed"] == {"sim": 2, "sim_runs": 5, "real": 1, "real_runs": 2,
-                           "sim_lost": [False, True, False, False, True], "real_lost": [True, False]}
+                           "sim_lost": [False, True, False, False, True], "real_lost": [True, False],
+                           "odds_p": pytest.approx(1.0)}
     assert r["phases"]["warmup"]["sim_s"] == 0.06 and r["phases"]["warmup"]["real_s"] == pytest.approx(0.085)
     assert r["sim_runs"] == 5 and r["phases"]["collective"]["empty"]
     trace = [{"type": "effect", "effect": "StoreCheck", "result": False}, {"type": "effect", "effect": "StoreCheck", "result": True},
@@ -242,6 +243,36 @@ def test_report_weighs_simulated_runs_to_the_real_race_odds() -> None:
     runs[3] = ParityResult("x", "equal", times(0.061), times(0.062), missed_checks={"sim": 0, "real": 0})
     no_lost = parity_report.row(runs[:1] + runs[3:], extra[:3])["phases"]["warmup"]
     assert no_lost["ratio_at_real_odds"] is None and no_lost["ratio"] is not None
+
+
+def test_report_tests_whether_the_race_odds_differ_and_says_why_a_plain_median_is_out() -> None:
+    """parity_report: Fisher's exact test on the race counts (two-sided), and the line below the table for a
+    phase out of range plain but in range at the real odds."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import parity_report
+
+    assert parity_report.odds_p(5, 5, 0, 5) == pytest.approx(2 / 252)  # all against none: the two extreme tables
+    assert parity_report.odds_p(10, 20, 5, 10) == pytest.approx(1.0)  # the same odds
+    assert parity_report.odds_p(17, 20, 2, 5) == pytest.approx(0.0698, abs=1e-4)
+    assert parity_report.odds_p(3, 20, 5, 5) < 0.01
+    assert parity_report.odds_p(0, 0, 1, 5) is None
+
+    def phases(plain: float | None, odds: float | None) -> dict[str, object]:
+        return {"bootstrap": {"ratio": 1.0, "ratio_at_real_odds": 1.0}, "warmup": {"ratio": plain, "ratio_at_real_odds": odds},
+                "collective": {"ratio": None, "ratio_at_real_odds": None}}
+
+    rows = [{"scenario": "a", "missed": {"odds_p": 0.07}, "phases": phases(1.5, 0.93)},
+            {"scenario": "b", "missed": {"odds_p": 0.001}, "phases": phases(0.5, 1.0)},
+            {"scenario": "c", "missed": {"odds_p": 0.5}, "phases": phases(1.5, 1.4)},  # out both ways: no excuse line
+            {"scenario": "d", "missed": {"odds_p": None}, "phases": phases(1.0, None)}]
+    lines = parity_report.odds_lines(rows)
+    assert lines[0] == "race odds differ (Fisher's exact test, p < 0.05): b (p=0.001)"
+    assert lines[1].startswith("a warmup: 1.50 plain, 0.93 at the real odds (consistent odds")
+    assert lines[2] == "b warmup: 0.50 plain, 1.00 at the real odds (the odds differ)"
+    assert len(lines) == 3
+    assert parity_report.odds_lines(rows[3:]) == []
 
 
 def test_report_warns_when_the_host_runs_at_another_speed_than_calibrated(tmp_path: object) -> None:

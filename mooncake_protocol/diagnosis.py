@@ -175,9 +175,11 @@ def _unreachable_segment(f: Facts) -> tuple[str, str] | None:
                                    f"({m['data'].get('error')}): the advertised address or port is unreachable")
 
 
-def _mark_rule(name: str, code: str, text: Callable[[dict[str, Any]], str]) -> Rule:
+def _mark_rule(name: str, code: str, text: Callable[[dict[str, Any]], str],
+               when: Callable[[dict[str, Any]], bool] | None = None) -> Rule:
+    """The cause ``code`` as soon as a mark ``name`` (that passes ``when``, if given) was made."""
     def rule(f: Facts) -> tuple[str, str] | None:
-        hits = f.named(name)
+        hits = [m for m in f.named(name) if when is None or when(m)]
         if not hits:
             return None
         return code, text(hits[0])
@@ -277,7 +279,9 @@ RULES: tuple[Rule, ...] = (
                "crossed QPs"),
     _mark_rule("p2p_lane_reset", "p2p-lane-reset",
                lambda m: f"rank {m['rank']} reset its P2P lanes to rank {m['data'].get('peer')} while an op "
-               "was pending: its wait() never returns"),
+               "was pending: " + ("it fails" if m["data"].get("fails_pending") else "its wait() never returns"),
+               # a torn-down peer's lanes are reset whether or not an op is on them; only a pending op is harmed
+               when=lambda m: bool(m["data"].get("pending"))),
     _duplicate_server_name,
     _key_mismatch,
     _host_region_on_fabric,

@@ -582,6 +582,19 @@ def test_diagnose_transfer_rules() -> None:
     assert diagnose(seg, [], {}, "hang").cause == "unreachable-segment"
 
 
+def test_diagnose_a_p2p_lane_reset_only_where_an_op_was_pending() -> None:
+    """A torn-down peer's P2P lanes are reset whether or not an op is on them (a generated H100 run: rank 0
+    killed after its only send/recv had landed, a survivor's poller tore it down after the run's last
+    collective): only a reset with a pending op names the cause."""
+    idle = _m(1, "p2p_lane_reset", peer=0, pending=0, fails_pending=True)
+    assert diagnose([idle], [], {}, "completed").cause is None
+    hung = _m(1, "p2p_lane_reset", peer=0, pending=1, fails_pending=False)
+    d = diagnose([idle, hung], [], {}, "hang")
+    assert d.cause == "p2p-lane-reset" and "never returns" in d.explanation
+    failed = _m(1, "p2p_lane_reset", peer=0, pending=1, fails_pending=True)
+    assert "it fails" in diagnose([failed], [], {}, "error").explanation
+
+
 def test_diagnose_clean_and_unknown() -> None:
     assert diagnose([], [], {}, "completed").cause is None
     d = diagnose([], [_wait(0, "rank:1:WAITING_PEER_WARMUP")], {}, "hang")

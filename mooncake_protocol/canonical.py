@@ -25,8 +25,10 @@ and what the run established, and abstracts or drops the rest:
 * **Cross-rank facts**: store keys published (key -> ranks) and, when the trace carries effect records,
   the keys each rank read (a ``StoreGet`` that found the key) and awaited (``StoreCheck``/``StoreWait``),
   as sets; which server names several ranks published (the fact, not the port); the transport each
-  (rank, peer, memory kind) used; collective outputs and active ranks; killed ranks; per-rank error
-  causes; which rank marked which live peer broken; and the run's verdict, cause and phase reached (from the outcome JSON).
+  (rank, peer, memory kind) used (not toward a killed rank from the collective it died in on: whether a
+  rank got to a WRITE to it, say its sync flag, before the kill or never, is timing); collective outputs
+  and active ranks; killed ranks; per-rank error causes; which rank marked which live peer broken; and the
+  run's verdict, cause and phase reached (from the outcome JSON).
 
 :func:`diff` compares two canonical forms and names, per rank, the first divergence side by side.
 """
@@ -148,6 +150,17 @@ def canonical(record_marks: Sequence[Mapping[str, Any]], outcome_json: Mapping[s
             ab.learn(str(m["name"]), m.get("data") or {})
 
     killed = {int(m.get("rank", -1)) for m in marks if m["name"] == "killed"}
+    # the collective each rank is in at each mark (-1 before the first), and the one each killed rank died in
+    in_coll: list[int] = []
+    current: dict[int, int] = {}
+    died_in: dict[int, int] = {}
+    for m in marks:
+        r = int(m.get("rank", -1))
+        if m["name"] == "collective_start" and m.get("activity", "caller") == "caller":
+            current[r] = int((m.get("data") or {}).get("index", current.get(r, -1) + 1))
+        elif m["name"] == "killed":
+            died_in.setdefault(r, current.get(r, -1))
+        in_coll.append(current.get(r, -1))
     # A rank whose protocol raised is gone as well (Mooncake's process aborts): when its peers notice is timing.
     dead = killed | {int(m.get("rank", -1)) for m in marks if m["name"] == "error"}
     # A rank's daemons keep running after its caller finished until the run stops, and the two worlds stop
@@ -201,6 +214,8 @@ def canonical(record_marks: Sequence[Mapping[str, Any]], outcome_json: Mapping[s
             if data.get("server_name"):
                 server_names[str(ab.value("", data["server_name"]))].add(r)
         elif name == "transport":
+            if isinstance(peer, int) and peer in died_in and peer != r and in_coll[i] >= died_in[peer]:
+                continue  # a WRITE to a rank killed in this collective (or before): whether one was made is timing
             transports.add(f"{r}->{data.get('peer')} {data.get('kind')} {data.get('transport')}")
         elif name == "error":
             errors.setdefault(str(r), data.get("cause"))

@@ -145,6 +145,26 @@ def test_a_refused_segment_open_of_a_dead_ranks_server_is_a_dead_peer_detail() -
     assert diff(canonical(sorted(alive, key=lambda m: m["t"]), OUTCOME), canonical(base, OUTCOME)) != []
 
 
+def test_a_transport_toward_a_rank_killed_in_that_collective_is_timing_but_one_before_is_kept() -> None:
+    """A generated H100 run (TENT alltoall, rank 2 killed as it entered the collective): the real rank 0,
+    having entered first, got its data to rank 2 and wrote it a sync flag (a new dram_to_dram transport);
+    the simulated one entered after the kill and never did. Whether a rank got to a WRITE to a rank killed
+    in that collective is timing; transports toward it before that collective stay facts."""
+    base = run("h", (1, 2))
+    killed = [mark(1, "killed", 3.15, "driver")]
+    flag = [mark(0, "transport", 3.2, "worker", peer=1, transport="tcp", kind="gpu_to_dram")]
+    a, b = base + killed + flag, base + killed
+    ca, cb = canonical(sorted(a, key=lambda m: m["t"]), OUTCOME), canonical(sorted(b, key=lambda m: m["t"]), OUTCOME)
+    assert diff(ca, cb) == [] and "0->1 gpu_to_dram tcp" not in ca["facts"]["transports"]
+    # the same transport in warmup, before the collective the rank died in: kept, and a difference
+    early = [mark(0, "transport", 0.55, "worker", peer=1, transport="tcp", kind="gpu_to_dram")]
+    ce = canonical(sorted(base + early + killed, key=lambda m: m["t"]), OUTCOME)
+    assert "0->1 gpu_to_dram tcp" in ce["facts"]["transports"] and diff(ce, cb) != []
+    # toward a live rank: kept
+    live = canonical(sorted(base + flag, key=lambda m: m["t"]), OUTCOME)
+    assert "0->1 gpu_to_dram tcp" in live["facts"]["transports"]
+
+
 def test_warmup_writes_retried_to_a_peer_killed_in_warmup_are_a_dead_peer_detail() -> None:
     """Generated parity scenarios with kill_rank at warmup: the simulator's ranks retried the warmup WRITE to
     the dead rank a dozen times before the run ended, the real ranks not at all; how often is timing."""

@@ -117,6 +117,22 @@ def _blocking_effect(name: str) -> bool:
     return bool(getattr(cls, "blocking", False)) and cls is not fx.Sleep
 
 
+def _record_t(rec: dict[str, Any]) -> float:
+    return float(rec.get("t", rec.get("t0", 0.0)))
+
+
+def run_ended_at(result: JobResult) -> float | None:
+    """When the launcher ended a run that stalled or ran past its deadline (run seconds, the ranks' clock), or
+    None for a run that completed. The ranks run on while it asks for their dumps (``dump_grace_s``, longer
+    when a rank stuck in a CuPy module load cannot answer), and what they do then is after the end: the
+    simulator stops at that instant, so a rank's own wait that ran out meanwhile (an error) is not the run's
+    story. Found by a generated H100 scenario: a stall at 3 s, then three ranks' 5 s collective waits ran
+    out while the launcher waited for a frozen rank's dump, and the run was judged an error."""
+    if result.end_reason not in ("stall", "deadline"):
+        return None
+    return next((float(e["t"]) for e in result.events if e.get("event") == result.end_reason), None)
+
+
 def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) -> Any:
     """The :class:`~mooncake_protocol.outcome.RunRecord` of a real run (the simulator's shape, mode "real")."""
     from mooncake_protocol.outcome import RunRecord
@@ -124,8 +140,10 @@ def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) ->
     from mooncake_protocol.trace import PHASES, Blocked
 
     envs = make_rank_envs(scenario, lambda _host: "127.0.0.1")
-    marks = [rec for rec in result.trace if rec.get("type") == "mark"]
-    effects = [rec for rec in result.trace if rec.get("type") == "effect"]
+    ended = run_ended_at(result)
+    trace = result.trace if ended is None else [rec for rec in result.trace if _record_t(rec) <= ended]
+    marks = [rec for rec in trace if rec.get("type") == "mark"]
+    effects = [rec for rec in trace if rec.get("type") == "effect"]
     killed = sorted({int(m["rank"]) for m in marks if m.get("name") == "killed" and m.get("activity") == "driver"})
 
     phases: dict[int, str] = {e.rank: "bootstrap" for e in envs}
@@ -142,6 +160,8 @@ def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) ->
 
     errors: dict[int, tuple[str, str | None]] = {}
     for r, res in sorted(result.results.items()):
+        if ended is not None and float(res.get("t", 0.0)) > ended:
+            continue  # came while the launcher was collecting dumps, after the run had ended
         if res.get("status") == "error":
             errors[r] = (str(res.get("error", "")), res.get("cause"))
         elif res.get("status") == "crash":  # a driver or protocol bug: never a clean run

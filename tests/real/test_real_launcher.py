@@ -134,3 +134,35 @@ def test_refuses_what_this_machine_cannot_realise(need, text):
 def test_accepts_what_it_can():
     check_realisable(_Need(), "s.yaml", MachineFacts(gpus=0, hostname="h"))
     check_realisable(_Need(gpus=1), "s.yaml", MachineFacts(gpus=1, hostname="h"))
+
+
+def test_a_stalled_run_is_judged_as_of_the_stall_not_of_what_came_while_dumps_were_collected():
+    """A generated H100 run stalled at 3 s; the launcher then waited for a rank stuck in a CuPy module load to
+    answer its dump request, and meanwhile three ranks' 5 s collective waits ran out. The run is judged as of
+    the stall, as the simulator stops there: no error, no mark after it."""
+    from mooncake_protocol.outcome import evaluate
+    from mooncake_protocol.scenario import load_scenario
+    from mooncake_real.launcher import JobResult
+    from mooncake_real.runner import run_ended_at, run_record
+
+    sc = load_scenario("real-cpu-bootstrap-2")
+
+    def mark(rank, name, t, **data):
+        return {"type": "mark", "rank": rank, "activity": "caller", "t": t, "name": name, "data": data}
+
+    trace = [mark(r, "phase", 0.5, phase="bootstrap") for r in (0, 1)]
+    trace += [mark(r, "phase", 0.6, phase="warmup", backend=0) for r in (0, 1)]
+    late = [mark(1, "error", 7.5, text="collective 0 (allreduce) did not finish in 5 s", cause=None)]
+    events = [{"t": 0.1, "event": "started"}, {"t": 3.6, "event": "stall", "alive": [0, 1], "last_progress": 0.6},
+              {"t": 3.61, "event": "dump_request", "ranks": [0, 1]}]
+    result = JobResult(job_id="x", job_dir="", world_size=2, exit_codes={0: None, 1: None},
+                       results={1: {"status": "error", "error": "did not finish", "cause": None, "t": 7.5}},
+                       dumps={}, trace=trace + late, timed_out=False, killed=[], events=events, store_stats={},
+                       wall_s=8.0, logs={}, end_reason="stall", last_progress_s=0.6)
+    assert run_ended_at(result) == 3.6
+    rec = run_record(result, sc)
+    assert rec.errors == {} and all(m["t"] <= 3.6 for m in rec.marks)
+    assert evaluate(rec, sc).verdict == "hang"
+    # a run that completed keeps everything
+    done = JobResult(**{**result.__dict__, "end_reason": "completed", "callers_done_s": 7.5})
+    assert run_ended_at(done) is None and 1 in run_record(done, sc).errors

@@ -160,8 +160,8 @@ def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) ->
 
     errors: dict[int, tuple[str, str | None]] = {}
     for r, res in sorted(result.results.items()):
-        if ended is not None and float(res.get("t", 0.0)) > ended:
-            continue  # came while the launcher was collecting dumps, after the run had ended
+        if ended is not None and res.get("status") == "error" and float(res.get("t", 0.0)) > ended:
+            continue  # a wait that ran out while the launcher was collecting dumps (a crash still counts)
         if res.get("status") == "error":
             errors[r] = (str(res.get("error", "")), res.get("cause"))
         elif res.get("status") == "crash":  # a driver or protocol bug: never a clean run

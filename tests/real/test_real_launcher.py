@@ -163,6 +163,9 @@ def test_a_stalled_run_is_judged_as_of_the_stall_not_of_what_came_while_dumps_we
     rec = run_record(result, sc)
     assert rec.errors == {} and all(m["t"] <= 3.6 for m in rec.marks)
     assert evaluate(rec, sc).verdict == "hang"
+    # a crash is a driver or protocol bug whenever it came: kept
+    crashed = JobResult(**{**result.__dict__, "results": {1: {"status": "crash", "error": "KeyError", "t": 7.5}}})
+    assert 1 in run_record(crashed, sc).errors
     # a run that completed keeps everything
     done = JobResult(**{**result.__dict__, "end_reason": "completed", "callers_done_s": 7.5})
     assert run_ended_at(done) is None and 1 in run_record(done, sc).errors

@@ -51,6 +51,8 @@ GROUP_ISSUE_GAP_S = 20e-6
 #: "completed" with wrong values in one world while the other timed out (a lazy-loaded reduce kernel held
 #: behind it, with the two time limits equal, on the H100).
 SPIN_TIMEOUT_FACTOR = 2.0
+#: The task-table slots of CUDA tasks (the CPU backend's are 0 and 1): a chunk takes them in turn.
+CUDA_SLOTS = (2, 3)
 #: Chunks issued in detail before the caller offers the driver to fast-forward over the identical ones
 #: (:class:`~mooncake_protocol.effects.SteadyState`), and the fewest chunks a collective needs for the offer.
 STEADY_AFTER_CHUNKS = 4
@@ -197,13 +199,14 @@ def run_collective(b: Backend, spec: Any, index: int) -> Activity:
 
 
 def spin_gave_up(b: Backend) -> Activity:
-    """Whether a spin kernel of the CUDA task slots (2 and 3) ran out its safety limit. A caller held past it
+    """Whether a spin kernel of the CUDA task slots (:data:`CUDA_SLOTS`) ran out its safety limit. A caller held past it
     (a cold kernel's launch blocks the host thread behind the resident spin kernel, on the H100) finds its
     stream finished when it gets to wait, and would end the collective with values that never arrived."""
     table = b.process.worker.table
-    raw = yield fx.ReadMem(table.rid, 2 * SLOT_BYTES, 2 * SLOT_BYTES)
-    words = (raw[at:at + 4] for at in (SPIN_GAVE_UP_OFFSET, SLOT_BYTES + SPIN_GAVE_UP_OFFSET))
-    return any(int.from_bytes(w, "little") for w in words)
+    first = CUDA_SLOTS[0] * SLOT_BYTES
+    raw = yield fx.ReadMem(table.rid, first, len(CUDA_SLOTS) * SLOT_BYTES)
+    at = [k * SLOT_BYTES + SPIN_GAVE_UP_OFFSET for k in range(len(CUDA_SLOTS))]
+    return any(int.from_bytes(raw[a:a + 4], "little") for a in at)
 
 
 def _steady_state(b: Backend, index: int, c: int, nchunks: int, stream: str) -> Activity:
@@ -253,7 +256,7 @@ def _chunk_cuda(b: Backend, spec: Any, op: Op, t: Tensors, off: int, n: int, str
         yield fx.Memcpy(send.rid, dst_off, t.inp.rid, src_off, length, stream)
     # slot choice and counter bump are one step (putTaskCuda runs them back to back on the caller's thread):
     # concurrent groups of one device alternate over slots 2-3
-    slot = 2 + worker.cuda_task_count % 2
+    slot = CUDA_SLOTS[worker.cuda_task_count % len(CUDA_SLOTS)]
     worker.cuda_task_count += 1
     if env.policy.serialize_task_slots and env.concurrent_groups > 1:
         yield from _claim_slot(b, slot)

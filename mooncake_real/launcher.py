@@ -466,6 +466,11 @@ def _ask_dumps(procs: dict[int, subprocess.Popen[bytes]], alive: set[int], jdir:
         event("dump_from_board", ranks=sorted(pending))
 
 
+def record_t(rec: dict[str, Any]) -> float:
+    """When a trace record happened (run seconds): an effect's start, a mark's time."""
+    return float(rec.get("t0", rec.get("t", 0.0)))
+
+
 def t0_of(jdir: Path, rank: int) -> float:
     """The run's start (monotonic) from a rank's spec."""
     try:
@@ -486,7 +491,7 @@ def _collect(job_id: str, jdir: Path, world_size: int, exit_codes: dict[int, int
             dumps[r] = d
         records.extend(_read_trace(rank_file(jdir, r, "trace")))
         logs[r] = _tail(jdir / f"rank{r}.log")
-    records.sort(key=lambda rec: (rec.get("t0", rec.get("t", 0.0)), rec.get("rank", 0)))
+    records.sort(key=lambda rec: (record_t(rec), rec.get("rank", 0)))
     return JobResult(job_id, str(jdir), world_size, exit_codes, results, dumps, records, timed_out, sorted(killed),
                      events, store_stats, round(wall, 6), logs)
 

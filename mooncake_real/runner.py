@@ -27,7 +27,7 @@ from typing import Any
 from mooncake_protocol.errors import InputError
 from mooncake_protocol.resources import check_output
 
-from .launcher import Faults, JobResult, check_realisable, launch
+from .launcher import Faults, JobResult, check_realisable, launch, record_t
 
 #: ``mooncake-real run`` with no scenario runs this bundled CPU scenario (no GPU needed).
 DEFAULT_SCENARIO = "real-cpu-allreduce"
@@ -117,10 +117,6 @@ def _blocking_effect(name: str) -> bool:
     return bool(getattr(cls, "blocking", False)) and cls is not fx.Sleep
 
 
-def _record_t(rec: dict[str, Any]) -> float:
-    return float(rec.get("t", rec.get("t0", 0.0)))
-
-
 def run_ended_at(result: JobResult) -> float | None:
     """When the launcher ended a run that stalled or ran past its deadline (run seconds, the ranks' clock), or
     None for a run that completed. The ranks run on while it asks for their dumps (``dump_grace_s``, longer
@@ -141,7 +137,7 @@ def run_record(result: JobResult, scenario: Any, wall_s: float | None = None) ->
 
     envs = make_rank_envs(scenario, lambda _host: "127.0.0.1")
     ended = run_ended_at(result)
-    trace = result.trace if ended is None else [rec for rec in result.trace if _record_t(rec) <= ended]
+    trace = result.trace if ended is None else [rec for rec in result.trace if record_t(rec) <= ended]
     marks = [rec for rec in trace if rec.get("type") == "mark"]
     effects = [rec for rec in trace if rec.get("type") == "effect"]
     killed = sorted({int(m["rank"]) for m in marks if m.get("name") == "killed" and m.get("activity") == "driver"})
